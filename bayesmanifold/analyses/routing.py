@@ -483,6 +483,7 @@ class OneStepResult:
     """
 
     lr: float
+    scope: str
     loss_before: float
     loss_after: float
     rows: list[dict[str, Any]]
@@ -510,7 +511,7 @@ class OneStepResult:
 
 
 def _scores_and_patterns(model: nn.Module, inputs: Tensor, layers: list[int], **kw: Any) -> dict[str, Tensor]:
-    names = {f"blocks.{l}.attn.{h}" for l in layers for h in ("hook_attn_scores", "hook_pattern")}
+    names = {f"blocks.{layer}.attn.{h}" for layer in layers for h in ("hook_attn_scores", "hook_pattern")}
     store: dict[str, Tensor] = {}
     handles = []
     try:
@@ -537,11 +538,21 @@ def one_step_check(
     attention_mask: Tensor | None = None,
     layers: int | Iterable[int] | None = None,
     heads: int | Sequence[int] | Mapping[int, Sequence[int]] | None = None,
+    scope: str = "all",
 ) -> OneStepResult:
     """Take one gradient-descent step (lr) on a copy of ``model`` and see where attention moved.
 
-    The user's model is not modified (the step is taken on a deep copy).
+    Args:
+        scope: ``"all"`` steps every parameter (a real training step; score changes then also
+            carry the indirect effect of earlier layers' updates on later layers' inputs), or
+            ``"layer_qk"``, which steps only each layer's own W_Q, W_K, b_Q, b_K, one layer at a
+            time, isolating the routing law: then Δs = η J Jᵀ(αA) to first order, whose inner
+            product with αA is non-negative.
+
+    The user's model is not modified (the steps are taken on a deep copy).
     """
+    if scope not in ("all", "layer_qk"):
+        raise ConfigError(f"scope must be 'all' or 'layer_qk', got {scope!r}")
     if not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
     with capture(model, keep=True, layers=layers, heads=heads, objective=objective) as cap:
@@ -552,23 +563,35 @@ def one_step_check(
     sel = sorted(kept)
     kw = {"attention_mask": mask} if mask is not None else {}
     before = _scores_and_patterns(model, inputs, sel, **kw)
-    stepped = copy.deepcopy(model)
-    params = [p for p in stepped.parameters() if torch.is_floating_point(p)]
-    for p in params:
-        p.requires_grad_(True)
     if obj is None:
         from ..hooks.objectives import next_token_loss
 
         obj = next_token_loss(mask)
-    with torch.enable_grad():
-        loss = obj(stepped(inputs, **kw), inputs)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            if g is not None:
-                p.sub_(lr * g)
-        loss_after = float(obj(stepped(inputs, **kw), inputs))
-    after = _scores_and_patterns(stepped, inputs, sel, **kw)
+    stepped = copy.deepcopy(model)
+    if scope == "all":
+        groups = {None: [p for p in stepped.parameters() if torch.is_floating_point(p)]}
+    else:
+        groups = {layer: _qk_params(stepped, layer) for layer in sel}
+    after: dict[str, Tensor] = {}
+    losses = []
+    for layer, params in groups.items():
+        saved = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = obj(stepped(inputs, **kw), inputs)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+            losses.append(float(obj(stepped(inputs, **kw), inputs)))
+        out = _scores_and_patterns(stepped, inputs, sel if layer is None else [layer], **kw)
+        after.update(out)
+        with torch.no_grad():
+            for p, s0 in zip(params, saved):
+                p.copy_(s0)
+    loss_after = losses[0] if scope == "all" else float(np.mean(losses))
     del stepped
     rows = []
     for layer in sel:
@@ -601,7 +624,16 @@ def one_step_check(
                     "mean_abs_dalpha": float(da[:, i].abs().sum() / max(float(m.sum()), 1)),
                 }
             )
-    return OneStepResult(lr=float(lr), loss_before=loss_before, loss_after=loss_after, rows=rows)
+    return OneStepResult(lr=float(lr), scope=scope, loss_before=loss_before, loss_after=loss_after, rows=rows)
+
+
+def _qk_params(model: nn.Module, layer: int) -> list[Tensor]:
+    attn = model.get_submodule(f"blocks.{layer}.attn")
+    names = ("W_Q", "W_K", "b_Q", "b_K", "_W_K", "_b_K")
+    params = [p for n, p in attn.named_parameters(recurse=False) if n in names]
+    if not params:
+        raise InputError(f"layer {layer} has no W_Q/W_K parameters to step (scope='layer_qk')")
+    return params
 
 
 def _pearson(x: Tensor, y: Tensor) -> float:

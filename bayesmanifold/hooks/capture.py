@@ -124,6 +124,10 @@ class Capture:
                 raise SelectionError(
                     f"heads given for layers {sorted(unknown)} that are not selected; selected layers: {self.layers}"
                 )
+        for layer in self.layers:  # validate head selections up front where the config says n_heads
+            n = self._infos[layer].n_heads
+            if n is not None:
+                self._heads_for(layer, n)
         self.accumulators = list(accumulators)
         for acc in self.accumulators:
             if not callable(getattr(acc, "update", None)):
