@@ -333,6 +333,9 @@ class DynamicsMonitor:
         >>> res = mon.result(); res.plot()  # doctest: +SKIP
     """
 
+    #: key under which a training loop stores :meth:`state` (``history["callbacks"][name]``)
+    name = "dynamics"
+
     def __init__(
         self,
         probe_tokens: Int[Tensor, "batch pos"],

@@ -126,7 +126,7 @@ def _token_keys(model: Any, layer: int, token_ids: Tensor, include_bias: bool) -
         k = torch.einsum("nd,hde->hne", x, W)
         if include_bias and b is not None:
             k = k + b[:, None, :]
-    return k.float().cpu()
+    return k.to(torch.float64).cpu()
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,7 +199,7 @@ def _orth_stats(model: Any, layers: list[int], definition: str, token_ids: Tenso
             rows.append(mean_offdiag_cosine(k, absolute=absolute).numpy())
         else:
             W, _ = _key_weights(model, layer)  # [kv, d_model, d_head]
-            rows.append(mean_offdiag_cosine(W.transpose(1, 2).float().cpu(), absolute=absolute).numpy())
+            rows.append(mean_offdiag_cosine(W.transpose(1, 2).to(torch.float64).cpu(), absolute=absolute).numpy())
     return np.stack(rows)
 
 
@@ -549,7 +549,8 @@ class HeadAblationResult:
 
 def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(logits.device))
+    lg = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return F.cross_entropy(lg[:, :-1].flatten(0, 1), tokens[:, 1:].flatten().to(logits.device))
 
 
 def head_ablation(
