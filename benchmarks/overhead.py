@@ -1,0 +1,176 @@
+"""Overhead of capture + streamed routing statistics against a plain forward+backward.
+
+On a GPT-2-small-shaped HookedTransformer with random weights (12 layers, d_model 768, 12 heads,
+vocabulary 50257), at (batch 4, seq 256) and (batch 1, seq 1024), each measurement in its own
+process, three ways:
+
+- ``plain``: ``model(tokens, return_type="loss").backward()``;
+- ``capture``: bayesmanifold's capture with :class:`RoutingLawCheck` and :class:`AdvantageStats`
+  streamed (every head of every layer);
+- ``naive``: what a user would do with TransformerLens alone: ``run_with_cache(incl_bwd=True)``
+  on the four attention hooks, then the same statistics per layer from the cache.
+
+Printed: median wall time over the repeats (after one warm-up) and peak memory, as ratios against
+``plain`` measured in the same run. Peak memory on CPU is the process's peak resident set size
+(``ru_maxrss``); ``excess`` ratios compare the growth above the resident size just before the
+first pass (model and inputs already built), which isolates the pass's own allocations. On CUDA
+it is ``torch.cuda.max_memory_allocated``.
+
+Usage::
+
+    python benchmarks/overhead.py [--reps 3] [--sizes 4x256,1x1024] [--device cpu] [--json PATH]
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _build(device: str):
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
+        act_fn="gelu_new", normalization_type="LN", seed=0, device=device, dtype=torch.float32,
+    )
+    return HookedTransformer(cfg)
+
+
+def _stats():
+    from bayesmanifold.analyses.routing import AdvantageStats, RoutingLawCheck
+
+    return [RoutingLawCheck(), AdvantageStats()]
+
+
+def _naive_step(model, tokens):
+    """TransformerLens alone: cache everything, then the same statistics per layer."""
+    import torch
+
+    from bayesmanifold.hooks.capture import LayerBundle
+
+    names = lambda n: n.endswith(("hook_attn_scores", "hook_pattern", "hook_v", "hook_z"))  # noqa: E731
+    model.zero_grad(set_to_none=True)
+    _, cache = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, return_type="loss")
+    accs = _stats()
+    n_heads = model.cfg.n_heads
+    for layer in range(model.cfg.n_layers):
+        p = f"blocks.{layer}.attn."
+        valid = torch.isfinite(cache[p + "hook_attn_scores"][:, 0])
+        b = LayerBundle(
+            layer=layer, heads=list(range(n_heads)), kv_heads=list(range(n_heads)), attn_scale=None,
+            pattern=cache[p + "hook_pattern"], values=cache[p + "hook_v"], grad_z=cache[p + "hook_z_grad"],
+            grad_pattern=cache[p + "hook_pattern_grad"], grad_scores=cache[p + "hook_attn_scores_grad"],
+            grad_values=cache[p + "hook_v_grad"], valid=valid, query_valid=valid.any(-1),
+            n_heads=n_heads, n_kv_heads=n_heads,
+        )
+        for acc in accs:
+            acc.update(b)
+    del cache
+    return [acc.finalize() for acc in accs]
+
+
+def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
+    import torch
+
+    from bayesmanifold.hooks import capture
+
+    model = _build(device)
+    tokens = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        model(tokens, return_type="loss").backward()
+
+    def ours():
+        accs = _stats()
+        with capture(model, accumulators=accs) as cap:
+            cap.run(tokens)
+        return [acc.finalize() for acc in accs]
+
+    step = {"plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_now()
+    times = []
+    for i in range(reps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"time": statistics.median(times), "peak": peak, "base": base}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _measure(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--sizes", f"{batch}x{seq}", "--reps", str(reps), "--device", device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sizes", default="4x256,1x1024", help="comma-separated BATCHxSEQ")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    if args.worker:
+        (batch, seq), = sizes
+        print(json.dumps(_worker(args.worker, batch, seq, args.reps, args.device)))
+        return 0
+    results = []
+    for batch, seq in sizes:
+        m = {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in ("plain", "capture", "naive")}
+        p = m["plain"]
+        row = {
+            "batch": batch,
+            "seq": seq,
+            "plain_time_s": p["time"],
+            "time_ratio": m["capture"]["time"] / p["time"],
+            "peak_memory_ratio": m["capture"]["peak"] / p["peak"],
+            "excess_memory_ratio": (m["capture"]["peak"] - m["capture"]["base"]) / (p["peak"] - p["base"]),
+            "naive_time_ratio": m["naive"]["time"] / p["time"],
+            "naive_peak_memory_ratio": m["naive"]["peak"] / p["peak"],
+            "naive_excess_memory_ratio": (m["naive"]["peak"] - m["naive"]["base"]) / (p["peak"] - p["base"]),
+            "plain_peak_bytes": p["peak"],
+        }
+        results.append(row)
+        print(
+            f"batch {batch:>2} seq {seq:>5}: plain {p['time']:.2f} s, peak {p['peak'] / 2**30:.2f} GiB | "
+            f"capture+stats time ×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f} "
+            f"(excess ×{row['excess_memory_ratio']:.3f}) | naive TL time ×{row['naive_time_ratio']:.3f}, "
+            f"peak ×{row['naive_peak_memory_ratio']:.3f} (excess ×{row['naive_excess_memory_ratio']:.3f})",
+            flush=True,
+        )
+    if args.json:
+        from bayesmanifold.io import atomic_write_json
+
+        atomic_write_json(args.json, {"device": args.device, "reps": args.reps, "sizes": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
