@@ -17,6 +17,9 @@ __all__ = ["main", "build_parser"]
 # One entry per sub-command module, in the order --help lists them.
 COMMAND_MODULES: list[str] = [
     "verify",
+    "train",
+    "calibrate",
+    "checkpoints",
 ]
 
 

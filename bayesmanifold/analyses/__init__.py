@@ -1,0 +1,1 @@
+"""Analyses: one module per measurement, each returning a frozen result dataclass."""

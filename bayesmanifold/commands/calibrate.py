@@ -1,0 +1,74 @@
+"""``bayesmanifold calibrate``: entropy-calibration MAE and KL of a checkpoint (Paper I, §4)."""
+
+import json
+
+from ..errors import ConfigError
+from ..io import atomic_write_json
+
+NAME = "calibrate"
+HELP = "measure a checkpoint's entropy-calibration MAE and per-position KL against Bayes"
+EXAMPLE = "bayesmanifold calibrate hmm-k20 --k 50 --n-seqs 1000 --json hmm_k50.json"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory or shipped name (see `checkpoints`)")
+    parser.add_argument("--n-seqs", type=int, default=1000, help="evaluation sequences")
+    parser.add_argument("--k", type=int, default=None,
+                        help="HMM only: number of observations (length generalisation, e.g. 30, 50)")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation sequences")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--logit-lens", action="store_true",
+                        help="also report the per-layer logit-lens KL (transformers)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH")
+
+
+def run(args) -> int:
+    from ..analyses.calibration import logit_lens_kl, measure_calibration
+    from ..models.checkpoint import load_checkpoint
+    from .windtunnel_args import resolve_device
+
+    device = resolve_device(args.device)
+    model, task, cfg, _ = load_checkpoint(args.checkpoint, device=device)
+    if args.k is not None:
+        if task.NAME != "hmm":
+            raise ConfigError(f"--k applies to HMM checkpoints only; this one is {task.NAME!r}")
+        if args.k < 1:
+            raise ConfigError(f"--k must be >= 1; got {args.k}")
+        n_ctx = cfg["model"]["n_ctx"]
+        new = task.with_K(args.k)
+        if new.seq_len > n_ctx:
+            kmax = (n_ctx - task.header_len) // 2
+            raise ConfigError(f"--k {args.k} needs {new.seq_len} positions; the model has n_ctx="
+                              f"{n_ctx} (K <= {kmax})")
+        task = new
+    res = measure_calibration(model, task, n_seqs=args.n_seqs, generator=args.seed,
+                              batch_size=args.batch_size, device=device)
+    out = {
+        "checkpoint": str(args.checkpoint),
+        "task": task.NAME,
+        "task_params": task.to_dict(),
+        "arch": cfg["arch"],
+        "preset": cfg.get("preset"),
+        "n_params": cfg.get("n_params"),
+        "steps": cfg.get("step"),
+        "n_seqs": res.n_seqs,
+        "seed": args.seed,
+        "entropy_mae_bits": res.entropy_mae_bits,
+        "mean_kl_bits": res.mean_kl_bits,
+        "kl_bits": res.kl_bits.tolist(),
+        "model_entropy_bits": res.model_entropy_bits.tolist(),
+        "bayes_entropy_bits": res.bayes_entropy_bits.tolist(),
+    }
+    if args.logit_lens:
+        if cfg["arch"] != "transformer":
+            raise ConfigError("--logit-lens needs a transformer checkpoint")
+        ll = logit_lens_kl(model, task, n_seqs=min(args.n_seqs, 512), generator=args.seed)
+        out["logit_lens_kl_bits"] = dict(zip(ll.layers, ll.kl_bits.tolist()))
+    if args.json:
+        atomic_write_json(args.json, out)
+    print(f"{cfg['arch']} on {task.NAME} {task.to_dict()}: entropy MAE {res.entropy_mae_bits:.5f} "
+          f"bits, mean KL {res.mean_kl_bits:.5f} bits (n_seqs={res.n_seqs})")
+    if args.logit_lens:
+        print("logit-lens KL (bits): " + json.dumps(out["logit_lens_kl_bits"]))
+    return 0

@@ -1,0 +1,23 @@
+"""Models for the wind tunnels: presets, attention-free baselines, training and checkpoints."""
+
+from .baselines import CausalMLP, LSTMModel
+from .checkpoint import list_shipped, load_checkpoint, load_snapshot, save_checkpoint
+from .presets import PRESETS, ModelSpec, build_model, count_params, preset_spec
+from .training import TrainConfig, TrainResult, train
+
+__all__ = [
+    "CausalMLP",
+    "LSTMModel",
+    "ModelSpec",
+    "PRESETS",
+    "build_model",
+    "count_params",
+    "preset_spec",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "load_checkpoint",
+    "load_snapshot",
+    "save_checkpoint",
+    "list_shipped",
+]

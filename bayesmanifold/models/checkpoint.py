@@ -1,0 +1,340 @@
+"""Checkpoints: atomic writes, exact resume, fp16 snapshots, and the shipped checkpoints.
+
+A checkpoint directory holds
+
+* ``config.json``: task parameters, architecture (:class:`ModelSpec`), preset, training config,
+  seed, the exact command, step, ``complete``, parameter count, weight dtype, library versions;
+* ``model.pt``: the weights (a ``state_dict``; fp16 in the shipped checkpoints, loaded as fp32);
+* ``history.json``: training losses, evaluations (entropy MAE, KL), callback states, wall time;
+* ``train_state.pt`` (runs in progress only): weights, optimiser, scheduler, data-RNG state, step
+  and history in **one** file, so a resume never mixes two steps;
+* ``metrics.json`` (optional): a calibration measured after training (``bayesmanifold calibrate``);
+* ``snapshots/step_XXXXXX.pt``: fp16 weights at chosen steps, for replaying the training dynamics.
+
+Every file is written to a temporary name and renamed (:mod:`bayesmanifold.io`).
+Shipped checkpoints live in ``bayesmanifold/checkpoints/<name>/`` inside the package.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..io import atomic_torch_save, atomic_write_json, ensure_dir
+from ..windtunnels.base import WindTunnel
+from ..windtunnels.registry import task_from_dict
+from .presets import ModelSpec, build_model, count_params, move_model
+
+__all__ = [
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_config",
+    "read_train_state",
+    "is_complete",
+    "resolve_checkpoint",
+    "shipped_dir",
+    "list_shipped",
+    "save_snapshot",
+    "list_snapshots",
+    "load_snapshot",
+    "export_checkpoint",
+]
+
+FORMAT = "bayesmanifold.checkpoint/1"
+CONFIG, WEIGHTS, HISTORY, STATE, METRICS, SNAPSHOTS = (
+    "config.json", "model.pt", "history.json", "train_state.pt", "metrics.json", "snapshots")
+
+
+def shipped_dir() -> Path:
+    """Folder of the checkpoints shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _versions() -> dict[str, str]:
+    import transformer_lens  # noqa: F401
+
+    try:
+        from importlib.metadata import version
+
+        tl = version("transformer-lens")
+    except Exception:  # pragma: no cover
+        tl = "unknown"
+    return {"torch": torch.__version__, "transformer_lens": tl}
+
+
+def _config_dict(*, task, spec, config, preset, command, step, complete, model, dtype) -> dict:
+    return {
+        "format": FORMAT,
+        "task": task.to_dict(),
+        "arch": spec.arch,
+        "preset": preset,
+        "model": spec.to_dict(),
+        "train": config.to_dict(),
+        "seed": config.seed,
+        "command": command,
+        "step": int(step),
+        "complete": bool(complete),
+        "n_params": count_params(model),
+        "weights_dtype": dtype,
+        "versions": _versions(),
+    }
+
+
+def save_checkpoint(
+    out_dir: "str | Path",
+    *,
+    model: nn.Module,
+    task: WindTunnel,
+    spec: ModelSpec,
+    config,
+    step: int,
+    history: dict,
+    complete: bool,
+    preset: "str | None" = None,
+    command: "str | None" = None,
+    optimizer: "torch.optim.Optimizer | None" = None,
+    scheduler: Any = None,
+    generator: "torch.Generator | None" = None,
+) -> Path:
+    """Write a checkpoint. The resume state (if an optimiser is given) is one atomic file."""
+    out = ensure_dir(out_dir)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    cfg = _config_dict(task=task, spec=spec, config=config, preset=preset, command=command,
+                       step=step, complete=complete, model=model, dtype="float32")
+    if optimizer is not None and not complete:
+        atomic_torch_save(out / STATE, {
+            "format": FORMAT,
+            "config": cfg,
+            "step": int(step),
+            "model": weights,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "data_rng": generator.get_state() if generator is not None else None,
+            "history": history,
+        })
+    atomic_torch_save(out / WEIGHTS, weights)
+    atomic_write_json(out / HISTORY, history)
+    atomic_write_json(out / CONFIG, cfg)
+    if complete:
+        (out / STATE).unlink(missing_ok=True)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def read_train_state(out_dir: "str | Path", expect: "dict | None" = None) -> "dict | None":
+    """The resume state of a partial run in ``out_dir`` (None if there is none).
+
+    With ``expect`` (task, spec, config), raises :class:`CheckpointError` when the directory holds
+    a run of another configuration (``progress`` and ``eval``/checkpoint cadence may differ).
+    """
+    path = Path(out_dir) / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read resume state {str(path)!r}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a bayesmanifold resume state ({FORMAT})")
+    if expect is not None:
+        cfg = state["config"]
+        mine = expect["config"].to_dict()
+        theirs = dict(cfg["train"])
+        volatile = ("progress", "eval_every", "checkpoint_every", "log_every")
+        for k in volatile:
+            mine.pop(k, None)
+            theirs.pop(k, None)
+        checks = [("task", expect["task"].to_dict(), cfg["task"]),
+                  ("model", expect["spec"].to_dict(), cfg["model"]),
+                  ("train", mine, theirs)]
+        for what, a, b in checks:
+            if not _same(a, b):
+                raise CheckpointError(
+                    f"{str(out_dir)!r} holds a partial run with a different {what} configuration "
+                    f"({b}) than requested ({a}); use another output directory"
+                )
+    return state
+
+
+def resolve_checkpoint(path_or_name: "str | Path") -> Path:
+    """A checkpoint directory from a path or a shipped checkpoint's name."""
+    p = Path(path_or_name)
+    if p.is_dir():
+        return p
+    cand = shipped_dir() / str(path_or_name)
+    if isinstance(path_or_name, str) and "/" not in path_or_name and cand.is_dir():
+        return cand
+    names = [d["name"] for d in list_shipped()]
+    raise CheckpointError(
+        f"no checkpoint directory {str(path_or_name)!r}; give a directory or one of the shipped "
+        f"names {names}"
+    )
+
+
+def read_config(path_or_name: "str | Path") -> dict:
+    """The ``config.json`` of a checkpoint, validated."""
+    d = resolve_checkpoint(path_or_name)
+    f = d / CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{str(d)!r} has no {CONFIG}; it is not a bayesmanifold checkpoint")
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {str(f)!r}: {exc}") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{str(f)!r} is not a {FORMAT} config")
+    for key in ("task", "model", "train"):
+        if key not in cfg:
+            raise CheckpointError(f"{str(f)!r} lacks the {key!r} entry")
+    return cfg
+
+
+def is_complete(path: "str | Path") -> bool:
+    """Whether ``path`` holds a finished checkpoint."""
+    try:
+        return bool(read_config(Path(path)).get("complete"))
+    except CheckpointError:
+        return False
+
+
+def _load_weights(model: nn.Module, file: Path) -> None:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint weights {str(file)!r} are missing")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights {str(file)!r}: {exc}") from None
+    ref = model.state_dict()
+    sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights {str(file)!r} do not fit the configured model: {exc}") from None
+
+
+def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "cpu"):
+    """Load a checkpoint directory or a shipped checkpoint by name.
+
+    Returns:
+        ``(model, task, config, history)``: the model in eval mode (fp32), the task rebuilt from
+        its parameters, the config dict and the training history dict.
+
+    Example:
+        >>> model, task, config, history = load_checkpoint("bijection-v20")
+    """
+    d = resolve_checkpoint(path_or_name)
+    cfg = read_config(d)
+    try:
+        task = task_from_dict(cfg["task"])
+        spec = ModelSpec.from_dict(cfg["model"])
+    except Exception as exc:
+        raise CheckpointError(f"{str(d)!r} has an invalid task or model config: {exc}") from None
+    model = build_model(spec, seed=0)
+    _load_weights(model, d / WEIGHTS)
+    history: dict = {}
+    if (d / HISTORY).is_file():
+        try:
+            history = json.loads((d / HISTORY).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"cannot read {str(d / HISTORY)!r}: {exc}") from None
+    move_model(model, device).eval()
+    return model, task, cfg, history
+
+
+def save_snapshot(out_dir: "str | Path", step: int, model: nn.Module) -> Path:
+    """Save fp16 weights to ``<out_dir>/snapshots/step_XXXXXX.pt``."""
+    sd = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
+          for k, v in model.state_dict().items()}
+    return atomic_torch_save(Path(out_dir) / SNAPSHOTS / f"step_{int(step):06d}.pt", sd)
+
+
+def list_snapshots(path_or_name: "str | Path") -> list[tuple[int, Path]]:
+    """``[(step, file)]`` of a checkpoint's weight snapshots, by step."""
+    d = resolve_checkpoint(path_or_name) / SNAPSHOTS
+    if not d.is_dir():
+        return []
+    out = []
+    for f in d.glob("step_*.pt"):
+        try:
+            out.append((int(f.stem.split("_")[1]), f))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
+def load_snapshot(path_or_name: "str | Path", step: int, device: "str | torch.device" = "cpu") -> nn.Module:
+    """The checkpoint's model with the weights of snapshot ``step`` (fp32, eval mode)."""
+    d = resolve_checkpoint(path_or_name)
+    snaps = dict(list_snapshots(d))
+    if step not in snaps:
+        raise CheckpointError(f"{str(d)!r} has no snapshot at step {step}; available {sorted(snaps)}")
+    cfg = read_config(d)
+    model = build_model(ModelSpec.from_dict(cfg["model"]), seed=0)
+    _load_weights(model, snaps[step])
+    return move_model(model, device).eval()
+
+
+def export_checkpoint(src: "str | Path", dest: "str | Path", half: bool = True) -> Path:
+    """Copy a finished checkpoint for shipping: weights in fp16, no resume state."""
+    src_d = resolve_checkpoint(src)
+    cfg = read_config(src_d)
+    if not cfg.get("complete"):
+        raise CheckpointError(f"{str(src_d)!r} is not a finished run")
+    dest_d = ensure_dir(dest)
+    sd = torch.load(src_d / WEIGHTS, map_location="cpu", weights_only=True)
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+        cfg["weights_dtype"] = "float16"
+    atomic_torch_save(dest_d / WEIGHTS, sd)
+    for name in (HISTORY, METRICS):
+        if (src_d / name).is_file():
+            shutil.copyfile(src_d / name, dest_d / (name + ".tmp"))
+            (dest_d / (name + ".tmp")).replace(dest_d / name)
+    if (src_d / SNAPSHOTS).is_dir():
+        ensure_dir(dest_d / SNAPSHOTS)
+        for f in sorted((src_d / SNAPSHOTS).glob("step_*.pt")):
+            shutil.copyfile(f, dest_d / SNAPSHOTS / (f.name + ".tmp"))
+            (dest_d / SNAPSHOTS / (f.name + ".tmp")).replace(dest_d / SNAPSHOTS / f.name)
+    atomic_write_json(dest_d / CONFIG, cfg)
+    return dest_d
+
+
+def list_shipped() -> list[dict]:
+    """One dict per shipped checkpoint: name, task, arch, params, recorded MAE."""
+    root = shipped_dir()
+    rows = []
+    if not root.is_dir():
+        return rows
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file()):
+        try:
+            cfg = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        mae = None
+        n_seqs = None
+        if (d / METRICS).is_file():
+            try:
+                m = json.loads((d / METRICS).read_text(encoding="utf-8"))
+                mae, n_seqs = m.get("entropy_mae_bits"), m.get("n_seqs")
+            except (OSError, json.JSONDecodeError):
+                pass
+        rows.append({
+            "name": d.name,
+            "task": cfg.get("task", {}).get("task"),
+            "task_params": {k: v for k, v in cfg.get("task", {}).items() if k != "task"},
+            "arch": cfg.get("arch"),
+            "preset": cfg.get("preset"),
+            "n_params": cfg.get("n_params"),
+            "steps": cfg.get("step"),
+            "entropy_mae_bits": mae,
+            "n_seqs": n_seqs,
+        })
+    return rows

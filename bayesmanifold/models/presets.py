@@ -1,0 +1,176 @@
+"""Model presets for the wind tunnels: the paper's sizes and smaller ones that train on a CPU.
+
+Paper I (arXiv 2512.22471, appendix; the authors' code) trains, for bijection elimination, a
+6-layer, 6-head transformer of width 192 (head 32) with learned absolute positions, pre-norm
+RMSNorm, a GELU MLP of width 4·d and tied input/output embeddings (2.69M parameters), and for HMM
+filtering a 9-layer, 8-head transformer of width 256. Here a transformer is a TransformerLens
+``HookedTransformer`` (``normalization_type="RMSPre"``, ``act_fn="gelu"``,
+``positional_embedding_type="standard"``) so that every hook of the package attaches to it.
+**Tied embeddings are not native in TransformerLens** (``W_E`` and ``W_U`` are separate
+parameters), so our models are untied; the paper's 2.69M becomes ~2.7M + d·vocab.
+
+A :class:`ModelSpec` holds everything needed to rebuild a model (it is stored in checkpoints);
+:func:`preset_spec` turns a preset name plus a task into one, and :func:`build_model` builds it
+with a seeded initialisation that leaves the global random state untouched.
+"""
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..windtunnels.base import WindTunnel
+
+__all__ = ["ModelSpec", "PRESETS", "ARCHS", "preset_spec", "build_model", "count_params",
+           "hooked_config", "move_model"]
+
+ARCHS = ("transformer", "lstm", "mlp")
+
+#: preset name -> (n_layers, n_heads, d_model). d_mlp = 4·d_model (transformer).
+PRESETS: dict[str, dict[str, int]] = {
+    "bijection-paper": {"n_layers": 6, "n_heads": 6, "d_model": 192},
+    "hmm-paper": {"n_layers": 9, "n_heads": 8, "d_model": 256},
+    "bijection-cpu": {"n_layers": 2, "n_heads": 4, "d_model": 64},
+    "hmm-cpu": {"n_layers": 3, "n_heads": 4, "d_model": 64},
+    "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
+    "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
+}
+
+#: the preset each task uses when none is given.
+DEFAULT_PRESET = {"bijection": "bijection-cpu", "hmm": "hmm-cpu", "recall": "small"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Everything needed to rebuild a model of one of the three architectures.
+
+    Attributes:
+        arch: ``"transformer"`` (TransformerLens), ``"lstm"`` or ``"mlp"`` (attention-free).
+        n_layers, d_model: depth and width (LSTM: layers and hidden size).
+        n_heads: attention heads (transformer only; ``d_head = d_model // n_heads``).
+        d_mlp: MLP hidden width (transformer and MLP baseline).
+        d_vocab: vocabulary size; n_ctx: maximum sequence length (learned positions).
+        mlp_context: what each position of the MLP baseline sees of its prefix, see
+            :class:`bayesmanifold.models.baselines.CausalMLP`.
+    """
+
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int = 1
+    d_mlp: int = 0
+    d_vocab: int
+    n_ctx: int
+    mlp_context: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}; got {self.arch!r}")
+        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive int; got {v!r}")
+        if self.arch == "transformer" and self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.mlp_context not in ("mean", "none"):
+            raise ConfigError(f"mlp_context must be 'mean' or 'none'; got {self.mlp_context!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown ModelSpec fields {sorted(unknown)}; accepted {sorted(names)}")
+        return cls(**d)
+
+
+def preset_spec(
+    preset: str, task: WindTunnel, arch: str = "transformer", n_ctx: "int | None" = None
+) -> ModelSpec:
+    """The :class:`ModelSpec` of ``preset`` for ``task``.
+
+    The LSTM baseline has the preset's depth and width (as in the paper); the MLP baseline has
+    its depth and width with an MLP of width 6·d, so that a block has ~12·d² weights like a
+    transformer block (4·d² attention + 8·d² MLP). HMM presets get ``n_ctx`` for K = 53
+    observations so that the K=30/K=50 length-generalisation tests fit the learned positions.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; accepted: {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    if n_ctx is None:
+        n_ctx = task.seq_len
+        if task.NAME == "hmm":
+            n_ctx = max(n_ctx, task.with_K(53).seq_len)  # type: ignore[attr-defined]
+    if n_ctx < task.seq_len:
+        raise ConfigError(f"n_ctx={n_ctx} is shorter than the task's sequences ({task.seq_len})")
+    d = p["d_model"]
+    return ModelSpec(
+        arch=arch,
+        n_layers=p["n_layers"],
+        d_model=d,
+        n_heads=p["n_heads"] if arch == "transformer" else 1,
+        d_mlp=(4 * d if arch == "transformer" else 6 * d if arch == "mlp" else 0),
+        d_vocab=task.d_vocab,
+        n_ctx=n_ctx,
+    )
+
+
+def hooked_config(spec: ModelSpec, device: str = "cpu"):
+    """The ``HookedTransformerConfig`` of a transformer spec."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=spec.n_layers,
+        d_model=spec.d_model,
+        n_heads=spec.n_heads,
+        d_head=spec.d_model // spec.n_heads,
+        d_mlp=spec.d_mlp,
+        d_vocab=spec.d_vocab,
+        n_ctx=spec.n_ctx,
+        act_fn="gelu",
+        normalization_type="RMSPre",
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        device=device,
+    )
+
+
+def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """Build a freshly initialised model; the init is seeded and the global RNG is restored.
+
+    Every architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``.
+    """
+    from .baselines import CausalMLP, LSTMModel
+
+    # TransformerLens prints "Moving model to device" on build and .to(); keep stdout clean.
+    with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec.arch == "transformer":
+            from transformer_lens import HookedTransformer
+
+            model: nn.Module = HookedTransformer(hooked_config(spec, device="cpu"))
+        elif spec.arch == "lstm":
+            model = LSTMModel(spec.d_vocab, spec.d_model, spec.n_layers)
+        else:
+            model = CausalMLP(spec.d_vocab, spec.d_model, spec.d_mlp, spec.n_layers, spec.n_ctx,
+                              context=spec.mlp_context)
+        model = model.to(device)
+    return model
+
+
+def move_model(model: nn.Module, device: "str | torch.device") -> nn.Module:
+    """``model.to(device)`` without TransformerLens's "Moving model to device" print."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return model.to(device)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,19 @@
+"""Wind tunnels: sequence tasks with exact posterior predictives (Paper I, arXiv 2512.22471)."""
+
+from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
+from .bijection import BijectionTask
+from .hmm import HMMTask
+from .recall import RecallTask
+from .registry import TASKS, task_from_dict
+
+__all__ = [
+    "TaskBatch",
+    "WindTunnel",
+    "entropy_bits",
+    "make_generator",
+    "BijectionTask",
+    "HMMTask",
+    "RecallTask",
+    "TASKS",
+    "task_from_dict",
+]
