@@ -17,3 +17,4 @@ __all__ = [
     "TASKS",
     "task_from_dict",
 ]
+from .sticky_chain import StickyChainConfig, StickyChainData, sample_sticky_chain, sticky_transition_matrix  # noqa: E402, F401, I001
