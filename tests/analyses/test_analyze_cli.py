@@ -1,0 +1,60 @@
+"""``bayesmanifold analyze``: JSON keys on a toy model, prompts, and a tiny checkpoint with snapshots."""
+
+import json
+
+import pytest
+
+from bayesmanifold.cli import main
+
+KEYS = {
+    "key_orthogonality",
+    "value_pc1",
+    "value_pc12",
+    "participation_ratio",
+    "spearman_pc1_entropy",
+    "attention_entropy_reduction",
+    "specialization",
+}
+
+
+def test_analyze_toy_random_tokens(tmp_path):
+    out = tmp_path / "a.json"
+    assert main(["analyze", "toy", "--json", str(out), "--out", str(tmp_path / "figs")]) == 0
+    data = json.loads(out.read_text())
+    assert KEYS <= set(data)
+    assert len(data["key_orthogonality"]) == 2
+    assert data["figures"] and all((tmp_path / "figs").joinpath(f.split("/")[-1]).is_file() for f in data["figures"])
+
+
+def test_analyze_prompts(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one two three\nfour five six\nseven eight\nnine ten eleven twelve\n")
+    out = tmp_path / "p.json"
+    assert main(["analyze", "toy", "--prompts", str(prompts), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert KEYS <= set(data) and data["mode"] == "prompts"
+    assert set(data["paper3"]["criteria"]) == {"value_manifold", "key_orthogonality", "attention_focusing"}
+
+
+def test_analyze_checkpoint_with_snapshots(tmp_path):
+    from bayesmanifold.models.presets import preset_spec
+    from bayesmanifold.models.training import TrainConfig, train
+    from bayesmanifold.windtunnels.bijection import BijectionTask
+
+    task = BijectionTask(V=6, L=5)
+    cfg = TrainConfig(steps=40, eval_every=40, n_eval=16, progress=False, snapshot_steps=(0, 5, 10, 15, 20, 30, 40), batch_size=16)
+    train(task, preset_spec("tiny", task), cfg, out_dir=tmp_path / "ck")
+    out = tmp_path / "c.json"
+    assert main(["analyze", str(tmp_path / "ck"), "--n-seqs", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert KEYS <= set(data) and data["mode"] == "windtunnel"
+    assert {"frame_stabilization_step", "precision_stabilization_step"} <= set(data)
+    assert data["dynamics_source"].startswith("replay")
+    assert set(data["specialization"]) == {"L0H0", "L0H1"}
+
+
+def test_analyze_errors(tmp_path, capsys):
+    assert main(["analyze", "toy", "--prompts", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["analyze"])

@@ -1,0 +1,108 @@
+"""Dynamics monitor: JSD, stabilisation rule, a tiny training run, replay = online, train() hook."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count, make_model
+
+from bayesmanifold.analyses.dynamics import (
+    DynamicsMonitor,
+    DynamicsResult,
+    js_divergence,
+    replay,
+    stabilization_step,
+)
+from bayesmanifold.errors import CheckpointError, ConfigError, InputError
+
+
+def test_js_divergence_closed_forms():
+    p = torch.tensor([0.2, 0.3, 0.5])
+    assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-12)
+    assert float(js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(math.log(2))
+
+
+def test_stabilization_rule():
+    steps = [0, 10, 20, 30, 40, 50, 60]
+    s = [np.nan, 1.0, 0.8, 0.5, 0.05, 0.2, 0.01]  # dips at 40 then rises again: stable from 60
+    assert stabilization_step(steps, s, fraction=0.1, early_window=3) == 60
+    assert stabilization_step(steps, [np.nan, 1, 1, 1, 0.05, 0.04, 0.01], fraction=0.1) == 40
+    assert stabilization_step(steps, [np.nan, 1, 1, 1, 1, 1, 1], fraction=0.1) is None
+    assert stabilization_step(steps[:3], [np.nan, 1, 1]) is None
+
+
+def _batch(gen, n):
+    a = torch.randint(0, 20, (n, 6), generator=gen)
+    return torch.cat([a, a], 1)  # second half copies the first: learnable by induction
+
+
+def _train(model, gen, steps, callback=None, save_dir=None, every=5):
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps + 1):
+        if step:
+            loss = model(_batch(gen, 16), return_type="loss")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if callback is not None:
+            callback.on_step(model, step)
+        if save_dir is not None and step % every == 0:
+            torch.save({k: v.half() for k, v in model.state_dict().items()}, save_dir / f"step_{step:06d}.pt")
+
+
+def test_monitor_on_tiny_training_run_and_replay(gen, tmp_path):
+    model = make_model(dtype=torch.float32, d_vocab=20, n_ctx=12).train()
+    probe = _batch(torch.Generator().manual_seed(7), 4)
+    mon = DynamicsMonitor(probe, every=5, key_token_ids=range(10), calibration_fn=lambda m: 0.5)
+    n0 = hook_count(model)
+    _train(model, gen, 30, mon, save_dir=tmp_path)
+    assert model.training  # mode restored
+    assert hook_count(model) == n0
+    res = mon.result()
+    assert list(res.steps) == [0, 5, 10, 15, 20, 25, 30]
+    assert res.attention_drift.shape == (7, 2, 4) and np.isnan(res.attention_drift[0]).all()
+    assert (res.attention_drift[1:] >= 0).all() and (res.attention_drift[1:] <= math.log(2)).all()
+    assert (res.value_drift[1:] > 0).all()
+    assert np.isfinite(res.grad_scores_norm).all() and (res.grad_values_norm > 0).all()
+    assert res.key_orthogonality.shape == (7, 2) and res.calibration.tolist() == [0.5] * 7
+    state = json.loads(json.dumps(mon.state()))  # JSON-able
+    back = DynamicsResult.from_state(state)
+    np.testing.assert_allclose(back.attention_drift, res.attention_drift, equal_nan=True)
+    assert back.frame_stabilization_step == res.frame_stabilization_step
+    assert len(res.to_dataframe()) > 0
+    # replay of the fp16 snapshots reproduces the online series (up to fp16 rounding)
+    mon2 = DynamicsMonitor(probe, every=5, key_token_ids=range(10))
+    rep = replay(tmp_path, make_model(dtype=torch.float32, d_vocab=20, n_ctx=12), mon2)
+    assert list(rep.steps) == list(res.steps)
+    np.testing.assert_allclose(rep.attention_drift[1:], res.attention_drift[1:], rtol=0.05, atol=1e-5)
+    np.testing.assert_allclose(rep.value_drift[1:], res.value_drift[1:], rtol=0.05, atol=1e-4)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    res.plot()
+
+
+def test_monitor_errors(tmp_path):
+    with pytest.raises(ConfigError):
+        DynamicsMonitor(torch.zeros(1, 4, dtype=torch.long), every=0)
+    with pytest.raises(InputError):
+        DynamicsMonitor(torch.zeros(1, 4))
+    with pytest.raises(InputError, match="nothing"):
+        DynamicsMonitor(torch.zeros(1, 4, dtype=torch.long)).result()
+    with pytest.raises(CheckpointError):
+        replay(tmp_path, make_model(dtype=torch.float32), probe_tokens=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_monitor_plugs_into_the_training_loop():
+    from bayesmanifold.models.presets import preset_spec
+    from bayesmanifold.models.training import TrainConfig, train
+    from bayesmanifold.windtunnels.bijection import BijectionTask
+
+    task = BijectionTask(V=6, L=5)
+    probe = task.sample(4, generator=1).tokens
+    mon = DynamicsMonitor(probe, every=4, key_token_ids=task.answer_tokens.tolist())
+    res = train(task, preset_spec("tiny", task), TrainConfig(steps=12, eval_every=12, n_eval=16, progress=False), callbacks=(mon,))
+    state = res.history["callbacks"]["dynamics"]
+    assert state["steps"] == [4, 8, 12]

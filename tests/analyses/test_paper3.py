@@ -1,0 +1,47 @@
+"""Paper III protocol on a tiny byte-level model with a prompts file."""
+
+import numpy as np
+import pytest
+import torch
+
+from bayesmanifold.analyses.geometry import key_orthogonality
+from bayesmanifold.analyses.paper3 import paper3_protocol
+from bayesmanifold.errors import InputError
+from bayesmanifold.hooks import toy_model
+
+PROMPTS = ["The cat sat on the", "2 + 2 =", "Once upon a time", "def f(x): return", "alpha beta gamma", "", "x y z w v u"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy_model(n_layers=2, n_heads=4, d_model=32, n_ctx=24, n_key_value_heads=2)
+
+
+def test_paper3_on_prompts_file(model, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    res = paper3_protocol(model, f)
+    assert res.n_prompts == 6  # blank line skipped
+    assert res.layers == [0, 1]
+    assert ((res.pc1 > 0) & (res.pc1 <= res.pc12) & (res.pc12 <= 1)).all()
+    assert ((res.participation_ratio >= 1) & (res.participation_ratio <= 5 + 1e-9)).all()  # ≤ n−1 directions
+    np.testing.assert_allclose(res.key_orthogonality, key_orthogonality(model, definition="columns", random_init_baseline=False).per_layer)
+    assert set(res.criteria) == {"value_manifold", "key_orthogonality", "attention_focusing"}
+    assert res.summary()["n_criteria_met"] == sum(res.criteria.values())
+    assert len(res.to_dataframe()) == 2
+    # attention entropy at the final token, by hand: per head, then mean over heads and prompts
+    hs = []
+    for prompt in [x for x in PROMPTS if x]:
+        _, cache = model.run_with_cache(torch.tensor([list(prompt.encode())]))
+        p = cache["blocks.1.attn.hook_pattern"][0, :, -1].double()
+        hs.append(float(-(torch.where(p > 0, p * p.log(), 0.0)).sum(-1).mean()))
+    assert res.attention_entropy[1] == pytest.approx(np.mean(hs), rel=1e-6)
+
+
+def test_paper3_errors(model, tmp_path):
+    with pytest.raises(InputError, match="n_ctx"):
+        paper3_protocol(model, ["short one", "another", "x" * 30])
+    with pytest.raises(InputError, match="at least 3"):
+        paper3_protocol(model, ["a b", "c d"])
+    with pytest.raises(InputError, match="does not exist"):
+        paper3_protocol(model, tmp_path / "missing.txt")
