@@ -18,6 +18,7 @@ __all__ = ["main", "build_parser"]
 COMMAND_MODULES: list[str] = [
     "verify",
     "train",
+    "analyze",
     "calibrate",
     "checkpoints",
 ]
