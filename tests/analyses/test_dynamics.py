@@ -106,3 +106,15 @@ def test_monitor_plugs_into_the_training_loop():
     res = train(task, preset_spec("tiny", task), TrainConfig(steps=12, eval_every=12, n_eval=16, progress=False), callbacks=(mon,))
     state = res.history["callbacks"]["dynamics"]
     assert state["steps"] == [4, 8, 12]
+
+
+def test_two_timescale_example_quick_mode():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "two_timescale_monitor.py"
+    spec = importlib.util.spec_from_file_location("two_timescale_monitor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    s = mod.main(["--quick", "--steps", "20", "--every", "5"])
+    assert s["n_checkpoints"] == 5 and 0 <= s["final_calibration"] < 3
