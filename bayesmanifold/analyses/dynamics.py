@@ -9,8 +9,10 @@ calibration improves ~40× over the next ~47.5k steps.
 :class:`DynamicsMonitor` is a training callback (``on_step(model, step)``) that records, on a
 fixed probe batch every ``every`` steps, per layer and head:
 
-- attention drift: mean Jensen–Shannon divergence (nats) between the pattern rows at this and the
-  previous checkpoint (at the selected query positions);
+- attention drift: mean Jensen–Shannon *distance* √JSD (JSD in nats) between the pattern rows at
+  this and the previous checkpoint (at the selected query positions). The distance, not the
+  divergence: JSD is quadratic in small changes while the value drift is linear, and comparing a
+  quadratic with a linear drift would make the frame look stable too early;
 - value drift: ‖v_t − v_prev‖ / ‖v_prev‖ per kv head (all valid key positions);
 - routing- and value-gradient norms ‖∂L/∂s‖ and ‖∂L/∂v‖ (via :func:`bayesmanifold.hooks.capture`);
 - frame metrics: key orthogonality (hypothesis-token keys if ``key_token_ids`` is given, else the
@@ -19,9 +21,11 @@ fixed probe batch every ``every`` steps, per layer and head:
   the value-manifold PC1 share (standardised concatenated values of ``value_layer``).
 
 Stabilisation. Drifts are divided by the number of steps since the previous checkpoint (a rate,
-so unevenly spaced snapshots compare). A series' *early level* is the maximum of its first
-``early_window`` rates; it has stabilised at the first checkpoint from which every later rate stays
-below ``drift_fraction`` × early level (default 0.1). The frame series is the attention drift, the
+so unevenly spaced snapshots compare). A series' *early level* is its peak rate (with
+``early_window=k``: the maximum of its first k rates; the peak is the default because during a
+learning-rate warm-up the very first rates are small); it has stabilised at the first checkpoint
+from which every later rate stays below ``drift_fraction`` × early level (default 0.1). Note that a
+decaying learning-rate schedule lowers both rates; the ratio of the two steps is what compares. The frame series is the attention drift, the
 precision series the value drift (means over layers and heads). The dissociation ratio is
 precision step / frame step (> 1: the frame settles first).
 
@@ -68,19 +72,21 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def stabilization_step(steps: Sequence[int], series: Sequence[float], *, fraction: float = 0.1, early_window: int = 3) -> int | None:
+def stabilization_step(steps: Sequence[int], series: Sequence[float], *, fraction: float = 0.1, early_window: int | None = None) -> int | None:
     """First step from which ``series`` stays below ``fraction`` × its early level (see module doc).
 
-    NaN entries (e.g. the first checkpoint, which has no predecessor) are skipped. Returns None
-    if the series never stabilises or has fewer than ``early_window + 1`` finite values.
+    The early level is the series' peak (``early_window=None``) or the maximum of its first
+    ``early_window`` values. NaN entries (e.g. the first checkpoint, which has no predecessor) are
+    skipped. Returns None if the series never stabilises or has fewer than 2 finite values (or
+    fewer than ``early_window + 1``).
     """
     s = np.asarray(series, dtype=float)
     st = np.asarray(steps)
     ok = np.isfinite(s)
     s, st = s[ok], st[ok]
-    if len(s) < early_window + 1:
+    if len(s) < (2 if early_window is None else early_window + 1):
         return None
-    early = float(np.max(s[:early_window]))
+    early = float(np.max(s if early_window is None else s[:early_window]))
     if early <= 0:
         return int(st[0])
     below = s < fraction * early
@@ -136,7 +142,7 @@ class DynamicsResult:
     loss: np.ndarray
     calibration: np.ndarray | None
     drift_fraction: float
-    early_window: int
+    early_window: int | None
     frame_stabilization_step: int | None
     precision_stabilization_step: int | None
     key_definition: str = "columns"
@@ -218,13 +224,13 @@ class DynamicsResult:
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.8))
         for series, label, color, stab in (
-            (self.frame_series, "frame: attention drift (JSD)", "C0", self.frame_stabilization_step),
+            (self.frame_series, "frame: attention drift (JS distance)", "C0", self.frame_stabilization_step),
             (self.precision_series, "precision: value drift", "C3", self.precision_stabilization_step),
         ):
             ok = np.isfinite(series)
             if not ok.any():
                 continue
-            early = np.max(series[ok][: self.early_window])
+            early = np.max(series[ok] if self.early_window is None else series[ok][: self.early_window])
             y = series / early if early > 0 else series
             ax.plot(self.steps[ok], y[ok], "o-", ms=3, color=color, label=label)
             if stab is not None:
@@ -271,7 +277,8 @@ class DynamicsResult:
             steps = np.asarray(state["steps"], dtype=np.int64)
             get = lambda k: np.asarray(state[k], dtype=float) if state.get(k) is not None else None  # noqa: E731
             fr = float(state.get("drift_fraction", 0.1) if drift_fraction is None else drift_fraction)
-            ew = int(state.get("early_window", 3) if early_window is None else early_window)
+            ew = state.get("early_window") if early_window is None else early_window
+            ew = None if ew is None else int(ew)
             ad, vd = get("attention_drift"), get("value_drift")
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"not a dynamics-monitor state: {exc}") from None
@@ -348,15 +355,15 @@ class DynamicsMonitor:
         calibration_fn: Callable[[Any], float] | None = None,
         value_layer: int = -1,
         drift_fraction: float = 0.1,
-        early_window: int = 3,
+        early_window: int | None = None,
         gradients: bool = True,
     ) -> None:
         if int(every) < 1:
             raise ConfigError(f"every must be ≥ 1, got {every}")
         if not 0 < drift_fraction < 1:
             raise ConfigError(f"drift_fraction must lie in (0, 1), got {drift_fraction}")
-        if int(early_window) < 1:
-            raise ConfigError(f"early_window must be ≥ 1, got {early_window}")
+        if early_window is not None and int(early_window) < 1:
+            raise ConfigError(f"early_window must be ≥ 1 or None (the peak), got {early_window}")
         t = torch.as_tensor(probe_tokens)
         if t.dim() == 1:
             t = t[None]
@@ -371,7 +378,7 @@ class DynamicsMonitor:
         self.calibration_fn = calibration_fn
         self.value_layer = value_layer
         self.drift_fraction = float(drift_fraction)
-        self.early_window = int(early_window)
+        self.early_window = None if early_window is None else int(early_window)
         self.gradients = gradients
         self.records: list[_Record] = []
         self._prev_patterns: list[Tensor] | None = None
@@ -413,7 +420,7 @@ class DynamicsMonitor:
             ent[layer] = float(pattern_entropy(rows).mean())
             if self._prev_patterns is not None:
                 prev = self._prev_patterns[layer].permute(0, 2, 1, 3)[qmask]
-                ad[layer] = js_divergence(rows, prev).mean(0).numpy()
+                ad[layer] = js_divergence(rows, prev).clamp_min(0).sqrt().mean(0).numpy()
                 v0, v1 = self._prev_values[layer][kmask].double(), vals[layer][kmask].double()  # n kv d
                 vd[layer] = ((v1 - v0).norm(dim=(0, 2)) / v0.norm(dim=(0, 2)).clamp_min(1e-30)).numpy()
         self._prev_patterns, self._prev_values = pats, vals
