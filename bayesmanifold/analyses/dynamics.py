@@ -23,11 +23,12 @@ fixed probe batch every ``every`` steps, per layer and head:
 Stabilisation. Drifts are divided by the number of steps since the previous checkpoint (a rate,
 so unevenly spaced snapshots compare). A series' *early level* is its peak rate (with
 ``early_window=k``: the maximum of its first k rates; the peak is the default because during a
-learning-rate warm-up the very first rates are small); it has stabilised at the first checkpoint
-from which every later rate stays below ``drift_fraction`` × early level (default 0.1). Note that a
-decaying learning-rate schedule lowers both rates; the ratio of the two steps is what compares. The frame series is the attention drift, the
-precision series the value drift (means over layers and heads). The dissociation ratio is
-precision step / frame step (> 1: the frame settles first).
+learning-rate warm-up the very first rates are small). The series has stabilised at the first
+checkpoint from which every later rate stays below ``drift_fraction`` × early level (default
+0.1), for at least two checkpoints (below threshold only at the last checkpoint counts as not yet
+stabilised). The frame series is the attention drift, the precision series the value drift (means
+over layers and heads). The dissociation ratio is precision step / frame step (> 1: the frame
+settles first). A decaying learning-rate schedule lowers both rates; the ratio is what compares.
 
 :func:`replay` feeds saved weight snapshots (``<checkpoint>/snapshots/step_XXXXXX.pt``) through a
 monitor after training.
@@ -72,13 +73,16 @@ def js_divergence(p: Tensor, q: Tensor) -> Tensor:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def stabilization_step(steps: Sequence[int], series: Sequence[float], *, fraction: float = 0.1, early_window: int | None = None) -> int | None:
+def stabilization_step(
+    steps: Sequence[int], series: Sequence[float], *, fraction: float = 0.1, early_window: int | None = None, min_stable: int = 2
+) -> int | None:
     """First step from which ``series`` stays below ``fraction`` × its early level (see module doc).
 
     The early level is the series' peak (``early_window=None``) or the maximum of its first
     ``early_window`` values. NaN entries (e.g. the first checkpoint, which has no predecessor) are
-    skipped. Returns None if the series never stabilises or has fewer than 2 finite values (or
-    fewer than ``early_window + 1``).
+    skipped. Returns None if the series never stabilises, if the stable stretch at the end has
+    fewer than ``min_stable`` checkpoints (a last point alone is no evidence: right-censored), or
+    if there are fewer than 2 finite values (or fewer than ``early_window + 1``).
     """
     s = np.asarray(series, dtype=float)
     st = np.asarray(steps)
@@ -97,7 +101,9 @@ def stabilization_step(steps: Sequence[int], series: Sequence[float], *, fractio
             stable_from = i
         else:
             break
-    return None if stable_from is None else int(st[stable_from])
+    if stable_from is None or len(s) - stable_from < min_stable:
+        return None
+    return int(st[stable_from])
 
 
 class _GradNorms:

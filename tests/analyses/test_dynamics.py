@@ -26,8 +26,10 @@ def test_js_divergence_closed_forms():
 
 def test_stabilization_rule():
     steps = [0, 10, 20, 30, 40, 50, 60]
-    s = [np.nan, 1.0, 0.8, 0.5, 0.05, 0.2, 0.01]  # dips at 40 then rises again: stable from 60
-    assert stabilization_step(steps, s, fraction=0.1, early_window=3) == 60
+    s = [np.nan, 1.0, 0.8, 0.5, 0.05, 0.2, 0.01, 0.02]  # dips at 40, rises again: stable from 60
+    assert stabilization_step(steps + [70], s, fraction=0.1, early_window=3) == 60
+    assert stabilization_step(steps, s[:-1], fraction=0.1, early_window=3) is None  # only the last point: censored
+    assert stabilization_step(steps, s[:-1], fraction=0.1, early_window=3, min_stable=1) == 60
     assert stabilization_step(steps, [np.nan, 1, 1, 1, 0.05, 0.04, 0.01], fraction=0.1) == 40
     assert stabilization_step(steps, [np.nan, 1, 1, 1, 1, 1, 1], fraction=0.1) is None
     assert stabilization_step(steps[:3], [np.nan, 1, 1], early_window=3) is None
