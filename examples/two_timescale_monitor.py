@@ -28,6 +28,7 @@ def main(argv=None) -> dict:
     p.add_argument("--every", type=int, default=None, help="monitor every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PNG", help="save the two curves to this file")
+    p.add_argument("--state", metavar="JSON", help="save the monitor's series (reload with DynamicsResult.from_state)")
     args = p.parse_args(argv)
 
     task = BijectionTask(V=6, L=5) if args.quick else BijectionTask(V=20, L=19)
@@ -71,6 +72,10 @@ def main(argv=None) -> dict:
     print(f"checkpoints: {s['n_checkpoints']}, final calibration MAE: {s['final_calibration']:.4f} bits")
     print(f"frame (attention) stabilises at step {s['frame_stabilization_step']}, "
           f"precision (values) at step {s['precision_stabilization_step']}, ratio {s['dissociation_ratio']}")
+    if args.state:
+        from bayesmanifold.io import atomic_write_json
+
+        atomic_write_json(args.state, monitor.state())
     if args.plot:
         import matplotlib
 
