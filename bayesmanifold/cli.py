@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "analyze",
     "calibrate",
     "checkpoints",
+    "reproduce",
 ]
 
 

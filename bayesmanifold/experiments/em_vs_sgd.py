@@ -822,6 +822,78 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
 
 
 def _checkpoint_steps(steps: int, n: int) -> list[int]:
-    """``n + 1`` checkpoints from 0 to ``steps``, denser early (geometric after a linear start)."""
-    pts = np.unique(np.round(np.geomspace(1, steps + 1, n + 1) - 1).astype(int))
-    return sorted(set(int(p) for p in pts) | {0, steps})
+    """``n + 1`` evenly spaced checkpoints from 0 to ``steps`` (fewer if ``steps < n``)."""
+    return sorted({int(round(v)) for v in np.linspace(0, steps, n + 1)})
+
+
+def seeds_for(n: int) -> tuple[int, ...]:
+    """The paper's seeds (42, 2024, 1337, 7777, 9999) cut to ``n``, or extended with 1, 2, ...."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"the number of seeds must be an int >= 1; got {n!r}")
+    extra = tuple(range(1, n - len(DEFAULT_SEEDS) + 1))
+    return (DEFAULT_SEEDS + extra)[:n]
+
+
+def reproduce_em_vs_sgd(
+    config: EMvsSGDConfig | None = None,
+    *,
+    out_dir: "str | None" = None,
+    deep: Any = None,
+    progress: Any = None,
+) -> tuple[EMvsSGDResult, Any, Any, dict[str, Any]]:
+    """The whole reproduction: the table, the probes, optionally the deep variant, and figures.
+
+    Args:
+        config: experiment settings (``probes=True`` adds the dynamics probes).
+        out_dir: where to write ``loss_curves.png`` and ``dynamics.png`` (atomically); None: none.
+        deep: a :class:`~bayesmanifold.experiments.em_vs_sgd_deep.DeepConfig` to also run the
+            deep variant, or None.
+        progress: optional ``callable(str)``.
+
+    Returns:
+        ``(result, probe_result or None, deep_result or None, json_dict)``.
+    """
+    from ..io import atomic_write, ensure_dir
+
+    config = EMvsSGDConfig() if config is None else config
+    say = progress or (lambda msg: None)
+    if out_dir is not None:
+        ensure_dir(out_dir)
+    t0 = time.perf_counter()
+    res = run_em_vs_sgd(config, progress=say)
+    out = res.to_dict()
+    probes = None
+    if config.probes:
+        from .em_vs_sgd_probes import probe_checkpoints
+
+        say("probing checkpoints through capture")
+        d = res.data[(config.seeds[0] if config.data_seed is None else config.data_seed, False)]
+        probes = probe_checkpoints(res.snapshots, d.inputs, d.targets, d.previous_states)
+        out["probes"] = {"seed": config.seeds[0], "summary": probes.summary, "rows": probes.rows}
+    deep_res = None
+    if deep is not None:
+        from .em_vs_sgd_deep import run_deep_variant
+
+        say("training the deep variant")
+        deep_res = run_deep_variant(deep, progress=say)
+        out["deep"] = {**deep_res.summary(), "rows": deep_res.rows}
+    out["total_wall_s"] = time.perf_counter() - t0
+    if out_dir is not None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from pathlib import Path
+
+        import matplotlib.pyplot as plt
+
+        def save(fig, name: str) -> None:
+            atomic_write(Path(out_dir) / name, lambda p: fig.savefig(p, format="png", dpi=120))
+            plt.close(fig)
+
+        ax = res.plot()
+        save(ax.figure, "loss_curves.png")
+        if probes is not None:
+            save(probes.plot().figure, "dynamics.png")
+        if deep_res is not None:
+            save(deep_res.plot().figure, "deep_loss.png")
+    return res, probes, deep_res, out
