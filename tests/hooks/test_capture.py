@@ -212,9 +212,10 @@ def test_bad_inputs(gen):
         capture(torch.nn.Linear(3, 3))
     with pytest.raises(SelectionError, match="out of range"):
         capture(model, layers=[5])
-    with capture(model, heads=[7]) as cap:
-        with pytest.raises(SelectionError, match="head 7"):
-            cap.run(torch.randint(0, 50, (1, 6), generator=gen))
+    with pytest.raises(SelectionError, match="head 7"):
+        capture(model, heads=[7])
+    with pytest.raises(SelectionError, match="not selected"):
+        capture(model, layers=[0], heads={1: [0]})
     with capture(model) as cap:
         with pytest.raises(InputError, match="0..49"):
             cap.run(torch.tensor([[1, 2, 99]]))
