@@ -111,7 +111,7 @@ def _as_tokens(model: Any, tokens: Any) -> Tensor:
     if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and isinstance(tokens[0], str)):
         if getattr(model, "tokenizer", None) is None:
             raise InputError("got text but the model has no tokenizer; pass token ids Int[batch, pos]")
-        return model.to_tokens(tokens)
+        tokens = model.to_tokens(tokens, truncate=False)  # TL would truncate to n_ctx silently
     t = torch.as_tensor(tokens)
     if t.dim() == 1:
         t = t.unsqueeze(0)

@@ -54,7 +54,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 def tokenize_prompt(model: Any, prompt: str) -> torch.Tensor:
     """Token ids [1, pos] of one prompt (tokenizer, else UTF-8 bytes for byte-vocabulary models)."""
     if getattr(model, "tokenizer", None) is not None:
-        toks = model.to_tokens(prompt)
+        toks = model.to_tokens(prompt, truncate=False)  # TL truncates to n_ctx silently by default
     elif model.cfg.d_vocab >= 256:
         toks = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
     else:

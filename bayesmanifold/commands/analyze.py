@@ -49,10 +49,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict, dict, Path | None]:
 
         try:
             ckpt_dir = ck.resolve_checkpoint(target)
-            if not (ckpt_dir / "config.json").is_file():
-                ckpt_dir = None
         except CheckpointError:
             ckpt_dir = None
+        if ckpt_dir is not None and not _is_our_checkpoint(ckpt_dir):
+            ckpt_dir = None  # e.g. a HuggingFace directory: loaded as a model below
         if ckpt_dir is not None:
             model, task, cfg, history = ck.load_checkpoint(ckpt_dir, device=args.device)
             return model, task, cfg, history, ckpt_dir
@@ -69,6 +69,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict, dict, Path | None]:
         if task.d_vocab > model.cfg.d_vocab or task.seq_len > model.cfg.n_ctx:
             raise InputError(f"task {args.task} (d_vocab {task.d_vocab}, seq_len {task.seq_len}) does not fit the model (d_vocab {model.cfg.d_vocab}, n_ctx {model.cfg.n_ctx})")
     return model, task, {}, {}, None
+
+
+def _is_our_checkpoint(d: Path) -> bool:
+    """A directory whose config.json declares the bayesmanifold checkpoint format."""
+    f = d / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("bayesmanifold.checkpoint")
 
 
 def _save_fig(result: Any, out: Path | None, name: str, written: list[str]) -> None:

@@ -45,3 +45,27 @@ def test_paper3_errors(model, tmp_path):
         paper3_protocol(model, ["a b", "c d"])
     with pytest.raises(InputError, match="does not exist"):
         paper3_protocol(model, tmp_path / "missing.txt")
+
+
+def test_paper3_and_analyze_on_a_local_gqa_llama(hf_llama_dir, tmp_path):
+    """A pretrained-style model (GQA 4:2, rotary, tokenizer) loaded offline from a directory."""
+    import json
+
+    from bayesmanifold.cli import main
+    from bayesmanifold.hooks import load_model
+
+    model = load_model(str(hf_llama_dir))
+    assert model.cfg.n_key_value_heads == 2
+    prompts = ["the cat sat", "a b c d e", "hello world.", "one more line", "zz yy xx"]
+    res = paper3_protocol(model, prompts)
+    assert res.key_orthogonality.shape == (2,) and np.isfinite(res.pc12).all()
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(prompts))
+    out = tmp_path / "a.json"
+    assert main(["analyze", str(hf_llama_dir), "--prompts", str(f), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["model"]["n_key_value_heads"] == 2
+    assert data["value_pc12"] == pytest.approx(float(res.pc12.max()))
+    too_long = tmp_path / "long.txt"
+    too_long.write_text("short\nshort two\n" + "a" * 80 + "\n")
+    assert main(["analyze", str(hf_llama_dir), "--prompts", str(too_long)]) == 2
