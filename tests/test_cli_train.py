@@ -1,0 +1,51 @@
+"""The wind-tunnel commands end to end: train (and resume), calibrate --json, checkpoints."""
+
+import json
+
+from bayesmanifold.cli import main
+
+
+def test_train_calibrate_and_list(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "bijection", "--param", "V=6", "--param", "L=5", "--preset", "tiny",
+            "--steps", "5", "--seed", "3", "--n-eval", "16", "--snapshots", "3", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 5 and summary["arch"] == "transformer"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["complete"] and conf["seed"] == 3 and conf["task"]["V"] == 6
+    assert conf["command"].startswith("bayesmanifold train bijection")
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
+        "step_000000.pt", "step_000001.pt", "step_000005.pt"]
+    assert main(args) == 0  # a finished run: loaded, not retrained
+
+    js = tmp_path / "cal.json"
+    assert main(["calibrate", str(out), "--n-seqs", "20", "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    for key in ("task", "arch", "entropy_mae_bits", "kl_bits", "n_seqs"):
+        assert key in data
+    assert data["n_seqs"] == 20 and len(data["kl_bits"]) == 5 and data["task"] == "bijection"
+    assert main(["calibrate", str(out), "--k", "30"]) == 2  # --k is for HMM checkpoints
+    assert main(["calibrate", str(tmp_path / "nope")]) == 2
+
+    capsys.readouterr()
+    assert main(["checkpoints", "--json", str(tmp_path / "list.json")]) == 0
+    listing = json.loads((tmp_path / "list.json").read_text())["checkpoints"]
+    assert isinstance(listing, list)
+    for row in listing:
+        assert {"name", "task", "arch", "n_params", "entropy_mae_bits"} <= set(row)
+
+
+def test_train_hmm_lstm_and_bad_input(tmp_path, capsys):
+    out = tmp_path / "hmm"
+    assert main(["train", "hmm", "--param", "K=4", "--arch", "lstm", "--preset", "tiny",
+                 "--steps", "3", "--n-eval", "8", "--no-progress", "--out", str(out)]) == 0
+    assert main(["calibrate", str(out), "--k", "6", "--n-seqs", "8"]) == 0
+    assert main(["calibrate", str(out), "--k", "500"]) == 2  # beyond n_ctx
+    assert main(["train", "bijection", "--param", "L=30", "--steps", "2", "--out",
+                 str(tmp_path / "x")]) == 2  # L > V without replacement
+    assert main(["train", "hmm", "--param", "S=1", "--steps", "2", "--out",
+                 str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "TaskError" not in err and "S (states)" in err
