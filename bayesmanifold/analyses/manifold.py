@@ -180,7 +180,9 @@ def _scoped_hooks(model: Any, fwd_hooks: list[tuple[str, Callable]]):
     for name, _ in fwd_hooks:
         if name not in model.hook_dict:
             raise SelectionError(f"the model has no hook point {name!r}")
-    with model.hooks(fwd_hooks=fwd_hooks):
+    # TL removes only the hooks of this context level on exit; clear_contexts=False leaves the
+    # user's hook contexts (hook.ctx) alone.
+    with model.hooks(fwd_hooks=fwd_hooks, clear_contexts=False):
         yield
 
 

@@ -133,3 +133,18 @@ def test_qk_alignment_and_head_ablation_leave_no_hooks(gen):
     assert hook_count(model) == n0
     with pytest.raises(InputError):
         key_orthogonality(model, definition="tokens")
+
+
+def test_user_hooks_survive_our_scoped_hooks(gen):
+    model = make_model(dtype=torch.float32)
+    seen = []
+    model.add_hook("blocks.0.attn.hook_pattern", lambda t, hook: seen.append(1))
+    model.hook_dict["blocks.0.attn.hook_pattern"].ctx["mine"] = 1
+    toks = torch.randint(0, 50, (1, 6), generator=gen)
+    attention_entropy(model, toks)
+    head_ablation(model, toks, layers=0, heads=0)
+    assert model.hook_dict["blocks.0.attn.hook_pattern"].ctx == {"mine": 1}
+    seen.clear()
+    model(toks)
+    assert seen == [1]
+    model.reset_hooks()
