@@ -135,6 +135,10 @@ def _windtunnel(model: Any, task: Any, args: argparse.Namespace, history: dict, 
     res["key_orthogonality_definition"] = "hypothesis-token keys (answer tokens; LN1(W_E) W_K + b_K), mean off-diagonal cosine"
     res["key_orthogonality_gaussian"] = ko.gaussian
     res["key_orthogonality_random_init"] = ko.random_init_per_layer.tolist()
+    ka = key_orthogonality(model, definition="tokens", token_ids=task.answer_tokens, seed=args.seed, absolute=True)
+    res["key_orthogonality_abs"] = ka.per_layer.tolist()
+    res["key_orthogonality_abs_random_init"] = ka.random_init_per_layer.tolist()
+    res["key_orthogonality_abs_gaussian"] = ka.gaussian
     kc = key_orthogonality(model, definition="columns", seed=args.seed)
     res["key_orthogonality_columns"] = kc.per_layer.tolist()
     res["key_orthogonality_columns_random_init"] = kc.random_init_per_layer.tolist()
