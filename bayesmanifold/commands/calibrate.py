@@ -21,6 +21,11 @@ def add_arguments(parser) -> None:
                         help="also report the per-layer logit-lens KL (transformers)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH")
+    parser.add_argument("--record", action="store_true",
+                        help="write metrics.json into the checkpoint directory: this measurement, "
+                        "a quick one (--quick-n-seqs) that tests re-measure, and for HMM the K=30 "
+                        "and K=50 length generalisation")
+    parser.add_argument("--quick-n-seqs", type=int, default=200)
 
 
 def run(args) -> int:
@@ -67,8 +72,40 @@ def run(args) -> int:
         out["logit_lens_kl_bits"] = dict(zip(ll.layers, ll.kl_bits.tolist()))
     if args.json:
         atomic_write_json(args.json, out)
+    if args.record:
+        _record(args, model, task, cfg, out, device)
     print(f"{cfg['arch']} on {task.NAME} {task.to_dict()}: entropy MAE {res.entropy_mae_bits:.5f} "
           f"bits, mean KL {res.mean_kl_bits:.5f} bits (n_seqs={res.n_seqs})")
     if args.logit_lens:
         print("logit-lens KL (bits): " + json.dumps(out["logit_lens_kl_bits"]))
     return 0
+
+
+def _record(args, model, task, cfg, out, device) -> None:
+    """metrics.json beside the weights: full, quick and (HMM) length-generalisation numbers."""
+    from pathlib import Path
+
+    from ..analyses.calibration import measure_calibration
+    from ..models.checkpoint import resolve_checkpoint
+
+    if args.k is not None:
+        raise ConfigError("--record measures the trained length; do not combine it with --k")
+    quick = measure_calibration(model, task, n_seqs=args.quick_n_seqs, generator=args.seed,
+                                batch_size=args.batch_size, device=device)
+    rec = dict(out)
+    rec["quick"] = {"n_seqs": quick.n_seqs, "seed": args.seed,
+                    "entropy_mae_bits": quick.entropy_mae_bits, "mean_kl_bits": quick.mean_kl_bits}
+    if task.NAME == "hmm":
+        rec["length_generalisation"] = {}
+        for k in (30, 50):
+            t = task.with_K(k)
+            if t.seq_len > cfg["model"]["n_ctx"]:
+                continue
+            r = measure_calibration(model, t, n_seqs=args.n_seqs, generator=args.seed,
+                                    batch_size=args.batch_size, device=device)
+            rec["length_generalisation"][f"K={k}"] = {
+                "entropy_mae_bits": r.entropy_mae_bits, "mean_kl_bits": r.mean_kl_bits,
+                "n_seqs": r.n_seqs}
+            print(f"  K={k}: entropy MAE {r.entropy_mae_bits:.5f} bits, mean KL "
+                  f"{r.mean_kl_bits:.5f} bits")
+    atomic_write_json(Path(resolve_checkpoint(args.checkpoint)) / "metrics.json", rec)

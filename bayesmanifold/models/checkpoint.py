@@ -129,6 +129,28 @@ def _same(a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
+def check_same_run(cfg: dict, expect: dict, where: "str | Path") -> None:
+    """Raise :class:`CheckpointError` unless ``cfg`` records the run ``expect`` describes.
+
+    ``expect`` holds ``task``, ``spec`` and ``config``; the progress bar and the evaluation,
+    logging and checkpoint cadences may differ.
+    """
+    mine = expect["config"].to_dict()
+    theirs = dict(cfg.get("train", {}))
+    for k in ("progress", "eval_every", "checkpoint_every", "log_every"):
+        mine.pop(k, None)
+        theirs.pop(k, None)
+    checks = [("task", expect["task"].to_dict(), cfg.get("task")),
+              ("model", expect["spec"].to_dict(), cfg.get("model")),
+              ("train", mine, theirs)]
+    for what, a, b in checks:
+        if not _same(a, b):
+            raise CheckpointError(
+                f"{str(where)!r} holds a run with a different {what} configuration ({b}) than "
+                f"requested ({a}); use another output directory"
+            )
+
+
 def read_train_state(out_dir: "str | Path", expect: "dict | None" = None) -> "dict | None":
     """The resume state of a partial run in ``out_dir`` (None if there is none).
 
@@ -145,22 +167,7 @@ def read_train_state(out_dir: "str | Path", expect: "dict | None" = None) -> "di
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a bayesmanifold resume state ({FORMAT})")
     if expect is not None:
-        cfg = state["config"]
-        mine = expect["config"].to_dict()
-        theirs = dict(cfg["train"])
-        volatile = ("progress", "eval_every", "checkpoint_every", "log_every")
-        for k in volatile:
-            mine.pop(k, None)
-            theirs.pop(k, None)
-        checks = [("task", expect["task"].to_dict(), cfg["task"]),
-                  ("model", expect["spec"].to_dict(), cfg["model"]),
-                  ("train", mine, theirs)]
-        for what, a, b in checks:
-            if not _same(a, b):
-                raise CheckpointError(
-                    f"{str(out_dir)!r} holds a partial run with a different {what} configuration "
-                    f"({b}) than requested ({a}); use another output directory"
-                )
+        check_same_run(state["config"], expect, out_dir)
     return state
 
 

@@ -237,6 +237,7 @@ def train(
             history = state["history"]
             start = int(state["step"])
         elif ckpt.is_complete(out):
+            ckpt.check_same_run(ckpt.read_config(out), meta, out)
             m, _, _, hist = ckpt.load_checkpoint(out, device=device)
             return TrainResult(m, hist, out)
         elif out.exists() and any(out.iterdir()):

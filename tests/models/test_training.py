@@ -86,6 +86,8 @@ def test_resume_equals_uninterrupted(tmp_path, arch):
     # a finished run is loaded, not retrained
     again = train(TASK, spec, cfg, out_dir=cut)
     assert again.history["loss"] == resumed.history["loss"]
+    with pytest.raises(CheckpointError, match="different train"):
+        train(TASK, spec, small_config(steps=20), out_dir=cut)
 
 
 def test_callbacks_and_snapshots(tmp_path):

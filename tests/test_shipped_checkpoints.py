@@ -1,0 +1,52 @@
+"""The shipped wind-tunnel checkpoints still reproduce the calibration recorded beside them.
+
+Each shipped checkpoint's ``metrics.json`` holds the calibration measured after training on
+``n_seqs`` sequences and a quick measurement on ``quick.n_seqs`` sequences of the same seed. This
+test re-measures the quick one: it must agree to 1e-4 bits (same weights, same sequences; only
+floating-point summation order may differ across machines). The quick figure must also agree with
+the full one to within sampling noise: 0.02 bits + 30 % of the full value.
+"""
+
+import json
+
+import pytest
+
+from bayesmanifold.analyses.calibration import measure_calibration
+from bayesmanifold.models import list_shipped, load_checkpoint
+from bayesmanifold.models.checkpoint import list_snapshots, load_snapshot, shipped_dir
+
+EXPECTED = ["bijection-v20", "bijection-v20-lstm", "bijection-v20-mlp",
+            "hmm-k20", "hmm-k20-lstm", "hmm-k20-mlp"]
+SHIPPED = [row["name"] for row in list_shipped()]
+
+
+def test_expected_checkpoints_are_shipped_within_budget():
+    assert set(EXPECTED) <= set(SHIPPED)
+    total = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
+    assert total <= 15 * 2**20
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_recorded_calibration_holds(name):
+    model, task, config, history = load_checkpoint(name)
+    assert config["complete"] and config["command"].startswith("bayesmanifold train")
+    metrics = json.loads((shipped_dir() / name / "metrics.json").read_text())
+    quick = metrics["quick"]
+    res = measure_calibration(model, task, n_seqs=quick["n_seqs"], generator=quick["seed"])
+    assert res.entropy_mae_bits == pytest.approx(quick["entropy_mae_bits"], abs=1e-4)
+    assert res.mean_kl_bits == pytest.approx(quick["mean_kl_bits"], abs=1e-4)
+    full = metrics["entropy_mae_bits"]
+    assert abs(quick["entropy_mae_bits"] - full) <= 0.02 + 0.3 * full
+    assert history["eval"], "training history has evaluations"
+
+
+def test_bijection_snapshots_replay():
+    snaps = list_snapshots("bijection-v20")
+    assert 12 <= len(snaps) <= 16 and snaps[0][0] == 0
+    first = load_snapshot("bijection-v20", snaps[0][0])
+    last = load_snapshot("bijection-v20", snaps[-1][0])
+    model, task, _, _ = load_checkpoint("bijection-v20")
+    a = measure_calibration(first, task, n_seqs=64, generator=0).entropy_mae_bits
+    b = measure_calibration(last, task, n_seqs=64, generator=0).entropy_mae_bits
+    c = measure_calibration(model, task, n_seqs=64, generator=0).entropy_mae_bits
+    assert b < a and b == pytest.approx(c, abs=0.01)  # the last snapshot is the final model (fp16)
