@@ -333,6 +333,7 @@ def _train(
     device: torch.device,
     snapshot_rows: Sequence[int] = (),
     snapshot_steps: Sequence[int] = (),
+    progress: Any = None,
 ) -> _RunOut:
     t0 = time.perf_counter()
     B = len(specs)
@@ -373,6 +374,9 @@ def _train(
             for r in snap_rows:
                 snapshots[r].append((step, tuple(w[r].detach().cpu().clone() for w in W)))
         outs = full_pass(need_grad=step < steps)
+        if progress is not None and step and step % max(steps // 10, 1) == 0:
+            el = time.perf_counter() - t0
+            progress(f"step {step}/{steps}: {el:.0f} s, {1000 * el / (B * step):.1f} ms per model-step")
         for idx, o in outs:
             curves[idx.cpu().numpy(), step] = o.loss.cpu().numpy()
         if step == steps:
@@ -764,7 +768,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     snap_rows = [rows["sgd"][0], rows["em_like"][0]] if config.probes else []
     say(f"training {len(specs)} runs × {config.steps} steps as one batch")
     out = _train(specs, data, steps=config.steps, tile=config.tile, chunk=config.batch_chunk, device=device,
-                 snapshot_rows=snap_rows, snapshot_steps=ckpts)
+                 snapshot_rows=snap_rows, snapshot_steps=ckpts, progress=say)
     model_steps, train_wall = out.model_steps, out.wall_s
     test = _evaluate(out.weights, [test_data(sp) for sp in specs], tile=config.tile, chunk=config.batch_chunk)
     h_min = chain.h_min_nats

@@ -1,0 +1,159 @@
+"""Paper II's EM-like vs SGD experiment: exact gradients, the M-step solve, ordering, JSON, errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bayesmanifold.cli import main
+from bayesmanifold.errors import ConfigError, TaskError
+from bayesmanifold.experiments.em_vs_sgd import (
+    EMvsSGDConfig,
+    attention_forward_backward,
+    init_weights,
+    m_step_values,
+    run_em_vs_sgd,
+    seeds_for,
+)
+
+
+def _autograd_reference(X, y, WQ, WK, WV, WO):
+    """Dense single head with autograd: per-row mean CE, grads, α and u = ∂L/∂z."""
+    Ws = [w.clone().requires_grad_(True) for w in (WQ, WK, WV, WO)]
+    T = X.shape[1]
+    S = (X @ Ws[0]) @ (X @ Ws[1]).transpose(1, 2) / math.sqrt(WQ.shape[-1])
+    S = S.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    A = torch.softmax(S, -1)
+    A.retain_grad()
+    Z = A @ (X @ Ws[2])
+    Z.retain_grad()
+    logits = Z @ Ws[3]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    loss.sum().backward()
+    return loss.detach(), [w.grad for w in Ws], A.detach(), Z.grad
+
+
+def _tiny(B=3, T=23, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, T, 20, generator=g, dtype=dtype)
+    y = torch.randint(8, (B, T), generator=g)
+    W = [torch.randn(B, *s, generator=g, dtype=dtype) * 0.4 for s in ((20, 10), (20, 10), (20, 15), (15, 8))]
+    return X, y, W
+
+
+@pytest.mark.parametrize("tile", [1, 5, 23, 64])
+def test_tiled_pass_matches_autograd(tile):
+    X, y, W = _tiny()
+    o = attention_forward_backward(X, y, *W, tile=tile, responsibility_rows=torch.tensor([0, 2]))
+    loss, grads, A, U = _autograd_reference(X, y, *W)
+    assert torch.allclose(o.loss, loss, atol=1e-12)
+    for g, r in zip(o.grads, grads):
+        assert torch.allclose(g, r, atol=1e-12, rtol=1e-9)
+    # responsibility-weighted sums for the M-step rows: Σ_i α_ij u_i and Σ_i α_ij
+    idx = torch.tensor([0, 2])
+    assert torch.allclose(o.resp_u, A[idx].transpose(1, 2) @ U[idx], atol=1e-12)
+    assert torch.allclose(o.resp_mass, A[idx].sum(1), atol=1e-12)
+    assert torch.all((o.accuracy >= 0) & (o.accuracy <= 1))
+
+
+def test_m_step_least_squares_solve():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 40, 20, generator=g, dtype=torch.float64)
+    WV = torch.randn(2, 20, 15, generator=g, dtype=torch.float64)
+    resp_u = torch.randn(2, 40, 15, generator=g, dtype=torch.float64) / 40
+    mass = torch.rand(2, 40, generator=g, dtype=torch.float64) + 0.5
+    step = 0.7
+    new = m_step_values(X, WV, resp_u, mass, step)
+    # oracle: normal equations on the explicit targets
+    target = X @ WV - step * 40 * resp_u / mass[..., None]
+    oracle = torch.linalg.solve(X.transpose(1, 2) @ X, X.transpose(1, 2) @ target)
+    assert torch.allclose(new, oracle, atol=1e-10)
+    # the residual is orthogonal to the column space of X (least-squares optimality)
+    assert (X.transpose(1, 2) @ (X @ new - target)).abs().max() < 1e-9
+    # targets that X can represent are met exactly
+    D = torch.randn(2, 20, 15, generator=g, dtype=torch.float64)
+    exact = m_step_values(X, WV, X @ D * mass[..., None] / 40, mass, 1.0)
+    assert torch.allclose(exact, WV - D, atol=1e-10)
+    pinv = torch.linalg.pinv(X)
+    assert torch.allclose(m_step_values(X, WV, resp_u, mass, step, pinv=pinv), oracle, atol=1e-10)
+
+
+def test_init_matches_released_stream():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2024)
+        ref = [torch.randn(20, 10) * 0.1, torch.randn(20, 10) * 0.1, torch.randn(20, 15) * 0.1, torch.randn(15, 8) * 0.1]
+    for a, b in zip(init_weights(2024), ref):
+        assert torch.equal(a, b)
+
+
+def test_em_like_beats_sgd_at_200_steps():
+    res = run_em_vs_sgd(EMvsSGDConfig(seeds=(42, 2024), steps=200, controls=False))
+    assert (res.em_like.final_loss < res.sgd.final_loss).all()
+    assert res.speedup > 1
+    assert res.h_min_nats == pytest.approx(1.8292, abs=5e-5)
+    # curves start at the shared init: identical first losses
+    assert res.em_like.curves[:, 0] == pytest.approx(res.sgd.curves[:, 0])
+    df = res.to_dataframe()
+    assert set(df.method) == {"sgd", "em_like"} and len(df) == 4
+
+
+def test_cli_json_has_every_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("BAYESMANIFOLD_QUIET", "1")
+    out = tmp_path / "out.json"
+    rc = main(["reproduce", "em-vs-sgd", "--seeds", "2", "--steps", "12", "--no-probes",
+               "--out", str(tmp_path / "figs"), "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    for k in ("h_min_nats", "h_min_bits", "sgd", "em_like", "steps_to_sgd_final_mean", "speedup", "p_value", "controls"):
+        assert k in d, k
+    fields = ("final_loss_mean", "final_loss_std", "entropy_mean", "accuracy_mean")
+    for m in (d["sgd"], d["em_like"], *d["controls"].values()):
+        for f in fields:
+            assert isinstance(m[f], float), f
+    assert set(d["controls"]) == {"sgd_lr0.1", "adam", "m_step", "sgd_s0.3", "em_like_s0.3"}
+    for c in d["controls"].values():
+        assert "steps_to_sgd_final_mean" in c
+    assert d["adam_lr"] in (0.001, 0.003, 0.01, 0.03)
+    assert d["h_min_bits"] == pytest.approx(2.639, abs=5e-4)
+    assert (tmp_path / "figs" / "loss_curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        ({"steps": 0}, ConfigError),
+        ({"steps": -5}, ConfigError),
+        ({"lr": 0.0}, ConfigError),
+        ({"value_lr": -0.1}, ConfigError),
+        ({"uniform_lr": float("inf")}, ConfigError),
+        ({"seeds": ()}, ConfigError),
+        ({"seeds": (1, 1)}, ConfigError),
+        ({"stickiness": 1.0}, TaskError),
+        ({"stickiness": -0.01}, TaskError),
+        ({"adam_lrs": ()}, ConfigError),
+    ],
+)
+def test_bad_config(kwargs, err):
+    with pytest.raises(err):
+        EMvsSGDConfig(**kwargs)
+
+
+def test_config_round_trip_and_seeds():
+    cfg = EMvsSGDConfig(seeds=(1, 2), steps=3)
+    assert EMvsSGDConfig.from_dict(cfg.to_dict()) == cfg
+    assert seeds_for(3) == (42, 2024, 1337)
+    assert seeds_for(7)[:5] == (42, 2024, 1337, 7777, 9999) and len(set(seeds_for(7))) == 7
+    with pytest.raises(ConfigError):
+        seeds_for(0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--seeds", "0"], ["--steps", "0"], ["--lr", "-1"], ["--value-lr", "0"], ["--stickiness", "1.2"]],
+)
+def test_cli_bad_input_is_one_line_error(argv, tmp_path, capsys):
+    rc = main(["reproduce", "em-vs-sgd", *argv, "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error" in err[0]
