@@ -30,6 +30,14 @@ stabilised). The frame series is the attention drift, the precision series the v
 over layers and heads). The dissociation ratio is precision step / frame step (> 1: the frame
 settles first). A decaying learning-rate schedule lowers both rates; the ratio is what compares.
 
+Settling (a second, level-based reading, robust to the noise floor of Adam-like optimisers where
+the drift *rate* never falls far): with ``keep_history=True`` the monitor keeps the probe's
+patterns and values (float16) and measures each checkpoint's distance to the *latest* one, for the
+frame (mean JS distance of the pattern rows) and for precision (‖v_t − v_T‖/‖v_T‖), and, if a
+calibration function is given, |log c_t − log c_T|. A series has settled at the first checkpoint
+from which it stays ≤ ``settle_tol`` (default 0.1) × its largest value, over at least two
+checkpoints before the last (which is 0 by construction).
+
 :func:`replay` feeds saved weight snapshots (``<checkpoint>/snapshots/step_XXXXXX.pt``) through a
 monitor after training.
 """
@@ -59,7 +67,7 @@ from .manifold import (
     _position_mask,
 )
 
-__all__ = ["DynamicsMonitor", "DynamicsResult", "replay", "stabilization_step", "js_divergence"]
+__all__ = ["DynamicsMonitor", "DynamicsResult", "replay", "stabilization_step", "settling_step", "js_divergence"]
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -104,6 +112,25 @@ def stabilization_step(
     if stable_from is None or len(s) - stable_from < min_stable:
         return None
     return int(st[stable_from])
+
+
+def settling_step(steps: Sequence[int], distance: Sequence[float], *, tol: float = 0.1, min_stable: int = 2) -> int | None:
+    """First step from which a distance-to-final series stays ≤ ``tol`` × its maximum.
+
+    The last checkpoint (distance 0 by construction) is left out; the stable stretch before it
+    must hold at least ``min_stable`` checkpoints. NaNs are skipped.
+    """
+    d = np.asarray(distance, dtype=float)[:-1]
+    st = np.asarray(steps)[:-1]
+    ok = np.isfinite(d)
+    d, st = d[ok], st[ok]
+    if len(d) < min_stable + 1 or np.max(d) <= 0:
+        return None
+    below = d <= tol * np.max(d)
+    i = len(d)
+    while i > 0 and below[i - 1]:
+        i -= 1
+    return None if len(d) - i < min_stable else int(st[i])
 
 
 class _GradNorms:
@@ -152,6 +179,40 @@ class DynamicsResult:
     frame_stabilization_step: int | None
     precision_stabilization_step: int | None
     key_definition: str = "columns"
+    frame_distance_to_final: np.ndarray | None = None
+    value_distance_to_final: np.ndarray | None = None
+    settle_tol: float = 0.1
+
+    @property
+    def frame_settling_step(self) -> int | None:
+        """First step from which the patterns stay within settle_tol of the final frame."""
+        if self.frame_distance_to_final is None:
+            return None
+        return settling_step(self.steps, self.frame_distance_to_final, tol=self.settle_tol)
+
+    @property
+    def precision_settling_step(self) -> int | None:
+        """Same for the values (relative distance to the final values)."""
+        if self.value_distance_to_final is None:
+            return None
+        return settling_step(self.steps, self.value_distance_to_final, tol=self.settle_tol)
+
+    @property
+    def calibration_settling_step(self) -> int | None:
+        """Same for log calibration error (|log c_t − log c_T|), if calibration was recorded."""
+        if self.calibration is None or not np.all(self.calibration > 0):
+            return None
+        lc = np.log(self.calibration)
+        return settling_step(self.steps, np.abs(lc - lc[-1]), tol=self.settle_tol)
+
+    @property
+    def settling_ratio(self) -> float | None:
+        """precision (calibration if recorded, else values) settling step / frame settling step."""
+        f = self.frame_settling_step
+        p = self.calibration_settling_step if self.calibration is not None else self.precision_settling_step
+        if f is None or p is None:
+            return None
+        return float(p) / max(float(f), 1.0)
 
     @property
     def dissociation_ratio(self) -> float | None:
@@ -187,6 +248,11 @@ class DynamicsResult:
             "n_checkpoints": int(len(self.steps)),
             "final_calibration": None if self.calibration is None else float(self.calibration[-1]),
             "final_value_pc1": float(self.value_pc1[-1]) if len(self.value_pc1) else None,
+            "frame_settling_step": self.frame_settling_step,
+            "precision_settling_step": self.precision_settling_step,
+            "calibration_settling_step": self.calibration_settling_step,
+            "settling_ratio": self.settling_ratio,
+            "settle_tol": self.settle_tol,
         }
 
     def to_dataframe(self):
@@ -219,6 +285,8 @@ class DynamicsResult:
         add("value_pc1", self.value_pc1, 0)
         add("loss", self.loss, 0)
         add("calibration", self.calibration, 0)
+        add("frame_distance_to_final", self.frame_distance_to_final, 0)
+        add("value_distance_to_final", self.value_distance_to_final, 0)
         add("frame_drift_rate", self.frame_series, 0)
         add("precision_drift_rate", self.precision_series, 0)
         return pd.DataFrame(rows)
@@ -241,10 +309,20 @@ class DynamicsResult:
             ax.plot(self.steps[ok], y[ok], "o-", ms=3, color=color, label=label)
             if stab is not None:
                 ax.axvline(stab, color=color, ls="--", lw=1)
+        for dist, label, color, stab in (
+            (self.frame_distance_to_final, "frame: distance to final", "C0", self.frame_settling_step),
+            (self.value_distance_to_final, "precision: distance to final", "C3", self.precision_settling_step),
+        ):
+            if dist is None or not np.isfinite(dist).any() or np.nanmax(dist) <= 0:
+                continue
+            y = dist / np.nanmax(dist)
+            ax.plot(self.steps[:-1], y[:-1], "--", lw=1, color=color, alpha=0.8, label=label)
+            if stab is not None:
+                ax.axvline(stab, color=color, ls=":", lw=1)
         ax.axhline(self.drift_fraction, color="gray", ls=":", lw=1, label=f"{self.drift_fraction:g} × early level")
         ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel("drift per step / early level")
+        ax.set_ylabel("drift rate / peak;  distance / max")
         r = self.dissociation_ratio
         ax.set_title("frame–precision dissociation" + (f": precision/frame = {r:.1f}×" if r else ""), fontsize=9)
         if self.calibration is not None and np.isfinite(self.calibration).any():
@@ -274,6 +352,9 @@ class DynamicsResult:
             "drift_fraction": self.drift_fraction,
             "early_window": self.early_window,
             "key_definition": self.key_definition,
+            "frame_distance_to_final": arr(self.frame_distance_to_final),
+            "value_distance_to_final": arr(self.value_distance_to_final),
+            "settle_tol": self.settle_tol,
         }
 
     @classmethod
@@ -306,6 +387,9 @@ class DynamicsResult:
             frame_stabilization_step=stabilization_step(steps, frame, fraction=fr, early_window=ew),
             precision_stabilization_step=stabilization_step(steps, prec, fraction=fr, early_window=ew),
             key_definition=str(state.get("key_definition", "columns")),
+            frame_distance_to_final=get("frame_distance_to_final"),
+            value_distance_to_final=get("value_distance_to_final"),
+            settle_tol=float(state.get("settle_tol", 0.1)),
         )
 
 
@@ -339,6 +423,9 @@ class DynamicsMonitor:
         value_layer: layer whose concatenated values give the PC1 share.
         drift_fraction, early_window: stabilisation rule (module docstring).
         gradients: also record gradient norms via capture (one forward+backward per checkpoint).
+        keep_history: keep the probe's patterns and values of every checkpoint (float16, CPU) for
+            the distance-to-final (settling) series; memory grows with checkpoints × probe size.
+        settle_tol: tolerance of the settling rule (module docstring).
 
     Example:
         >>> mon = DynamicsMonitor(probe, every=100, calibration_fn=lambda m: task.calibration(m))  # doctest: +SKIP
@@ -363,6 +450,8 @@ class DynamicsMonitor:
         drift_fraction: float = 0.1,
         early_window: int | None = None,
         gradients: bool = True,
+        keep_history: bool = True,
+        settle_tol: float = 0.1,
     ) -> None:
         if int(every) < 1:
             raise ConfigError(f"every must be ≥ 1, got {every}")
@@ -386,6 +475,9 @@ class DynamicsMonitor:
         self.drift_fraction = float(drift_fraction)
         self.early_window = None if early_window is None else int(early_window)
         self.gradients = gradients
+        self.keep_history = keep_history
+        self.settle_tol = float(settle_tol)
+        self._hist: list[tuple[list[Tensor], list[Tensor]]] = []
         self.records: list[_Record] = []
         self._prev_patterns: list[Tensor] | None = None
         self._prev_values: list[Tensor] | None = None
@@ -430,6 +522,13 @@ class DynamicsMonitor:
                 v0, v1 = self._prev_values[layer][kmask].double(), vals[layer][kmask].double()  # n kv d
                 vd[layer] = ((v1 - v0).norm(dim=(0, 2)) / v0.norm(dim=(0, 2)).clamp_min(1e-30)).numpy()
         self._prev_patterns, self._prev_values = pats, vals
+        if self.keep_history:
+            self._hist.append(
+                (
+                    [p.permute(0, 2, 1, 3)[qmask].half() for p in pats],
+                    [v[kmask].half() for v in vals],
+                )
+            )
         # value manifold PC1 share
         vl = _norm_layer(model, self.value_layer)
         feats = vals[vl][qmask].flatten(1)
@@ -470,9 +569,29 @@ class DynamicsMonitor:
             raise InputError("the monitor has recorded nothing yet (no step was a multiple of `every`)")
         return DynamicsResult.from_state(self.state())
 
+    def _distances_to_final(self) -> tuple[list[float], list[float]] | tuple[None, None]:
+        if not self.keep_history or len(self._hist) != len(self.records) or not self._hist:
+            return None, None
+        fin_p, fin_v = self._hist[-1]
+        fd, vd = [], []
+        for pats, vals in self._hist:
+            fd.append(float(np.mean([float(js_divergence(a.double(), b.double()).clamp_min(0).sqrt().mean()) for a, b in zip(pats, fin_p)])))
+            vd.append(
+                float(
+                    np.mean(
+                        [
+                            float(((a.double() - b.double()).norm(dim=(0, 2)) / b.double().norm(dim=(0, 2)).clamp_min(1e-30)).mean())
+                            for a, b in zip(vals, fin_v)
+                        ]
+                    )
+                )
+            )
+        return fd, vd
+
     def state(self) -> dict[str, Any]:
         """JSON-able series (what a training loop stores beside its history)."""
         R = self.records
+        fd, vd = self._distances_to_final()
         cal = [r.calibration for r in R]
         return {
             "steps": [r.step for r in R],
@@ -488,6 +607,9 @@ class DynamicsMonitor:
             "drift_fraction": self.drift_fraction,
             "early_window": self.early_window,
             "key_definition": "tokens" if self.key_token_ids is not None else "columns",
+            "frame_distance_to_final": fd,
+            "value_distance_to_final": vd,
+            "settle_tol": self.settle_tol,
         }
 
 

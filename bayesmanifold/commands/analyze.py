@@ -199,6 +199,10 @@ def _windtunnel(model: Any, task: Any, args: argparse.Namespace, history: dict, 
             res["frame_stabilization_step"] = d.frame_stabilization_step
             res["precision_stabilization_step"] = d.precision_stabilization_step
             res["dissociation_ratio"] = d.dissociation_ratio
+            res["frame_settling_step"] = d.frame_settling_step
+            res["precision_settling_step"] = d.precision_settling_step
+            res["calibration_settling_step"] = d.calibration_settling_step
+            res["settling_ratio"] = d.settling_ratio
             res["dynamics_source"] = source
             res["dynamics"] = d.summary()
     evals = history.get("eval") if isinstance(history, dict) else None
@@ -309,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     if "frame_stabilization_step" in res:
         print(
             f"frame stabilises at step {res['frame_stabilization_step']}, precision at {res['precision_stabilization_step']} "
-            f"(ratio {res['dissociation_ratio']})"
+            f"(ratio {res['dissociation_ratio']}); settling (distance to final): frame {res['frame_settling_step']}, "
+            f"values {res['precision_settling_step']}, calibration {res['calibration_settling_step']}"
         )
     if figs:
         print(f"figures: {', '.join(figs)}")

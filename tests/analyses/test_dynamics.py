@@ -13,6 +13,7 @@ from bayesmanifold.analyses.dynamics import (
     DynamicsResult,
     js_divergence,
     replay,
+    settling_step,
     stabilization_step,
 )
 from bayesmanifold.errors import CheckpointError, ConfigError, InputError
@@ -37,6 +38,13 @@ def test_stabilization_rule():
     warm = [np.nan, 0.1, 0.5, 2.0, 1.0, 0.15, 0.1]
     assert stabilization_step(steps, warm) == 50
     assert stabilization_step(steps, warm, early_window=1) is None
+
+
+def test_settling_rule():
+    steps = [0, 10, 20, 30, 40, 50]
+    assert settling_step(steps, [1.0, 0.5, 0.08, 0.05, 0.02, 0.0]) == 20
+    assert settling_step(steps, [1.0, 0.5, 0.08, 0.5, 0.02, 0.0]) is None  # one point before the end
+    assert settling_step(steps, [1.0, 0.5, 0.08, 0.5, 0.02, 0.0], min_stable=1) == 40
 
 
 def _batch(gen, n):
@@ -78,6 +86,9 @@ def test_monitor_on_tiny_training_run_and_replay(gen, tmp_path):
     np.testing.assert_allclose(back.attention_drift, res.attention_drift, equal_nan=True)
     assert back.frame_stabilization_step == res.frame_stabilization_step
     assert len(res.to_dataframe()) > 0
+    assert res.frame_distance_to_final.shape == (7,) and res.frame_distance_to_final[-1] == 0
+    assert res.value_distance_to_final[0] > res.value_distance_to_final[-2] > 0
+    np.testing.assert_allclose(back.value_distance_to_final, res.value_distance_to_final)
     # replay of the fp16 snapshots reproduces the online series (up to fp16 rounding)
     mon2 = DynamicsMonitor(probe, every=5, key_token_ids=range(10))
     rep = replay(tmp_path, make_model(dtype=torch.float32, d_vocab=20, n_ctx=12), mon2)
