@@ -15,6 +15,8 @@ history under ``history["callbacks"][name]`` at every evaluation and at the end.
 """
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -279,6 +281,13 @@ def train(
                desc=f"train {task.NAME}/{spec.arch}", dynamic_ncols=True)
     step = start
     last_loss = float("nan")
+    # Ctrl-C / SIGTERM are deferred to the end of the step in progress, so that the checkpoint
+    # written on interruption is a consistent state and the resumed run equals an uninterrupted one.
+    pending: list[int] = []
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         while step < config.steps:
             batch = task.sample(config.batch_size, g).to(device)
@@ -295,8 +304,6 @@ def train(
                 raise ConfigError(f"training loss became {last_loss} at step {step}; lower lr")
             if step % config.log_every == 0:
                 history["loss"].append([step, last_loss])
-            for cb in callbacks:
-                cb.on_step(model, step)
             if step in snaps and out is not None:
                 ckpt.save_snapshot(out, step, model)
             bar.update(1)
@@ -304,6 +311,10 @@ def train(
                 eval_record(step, last_loss)
                 bar.set_postfix(loss=f"{last_loss:.4f}",
                                 mae=f"{history['eval'][-1]['entropy_mae_bits']:.4f}")
+            for cb in callbacks:
+                cb.on_step(model, step)
+            if pending:
+                raise KeyboardInterrupt
             if step % config.checkpoint_every == 0 and step < config.steps:
                 save(step, complete=False)
     except KeyboardInterrupt:
@@ -311,6 +322,8 @@ def train(
         raise
     finally:
         bar.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
     _callback_states(callbacks, history)
     history["wall_time_s"] = history["wall_time_s"] + (time.perf_counter() - t0)
     t0 = time.perf_counter()

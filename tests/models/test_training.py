@@ -185,3 +185,24 @@ def test_paper_presets_have_paper_sizes():
     hmm = preset_spec("hmm-paper", HMMTask())
     assert (hmm.n_layers, hmm.n_heads, hmm.d_model) == (9, 8, 256)
     assert hmm.n_ctx >= HMMTask(K=50).seq_len  # room for the K=50 length test
+
+
+class SendSigint:
+    def on_step(self, model, step):
+        if step == 5:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_sigint_is_deferred_to_a_consistent_checkpoint(tmp_path):
+    spec = preset_spec("tiny", TASK)
+    cfg = small_config()
+    full = train(TASK, spec, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(TASK, spec, cfg, out_dir=tmp_path / "s", callbacks=(SendSigint(),))
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["step"] == 5
+    resumed = train(TASK, spec, cfg, out_dir=tmp_path / "s")
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0)
