@@ -19,6 +19,12 @@ def test_train_calibrate_and_list(tmp_path, capsys):
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == [
         "step_000000.pt", "step_000001.pt", "step_000005.pt"]
     assert main(args) == 0  # a finished run: loaded, not retrained
+    warm = args[:-1] + [str(tmp_path / "warm"), "--init-from", str(out)]
+    assert main(warm) == 0
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["init_from"] == str(out)
+    other = [a if a != "tiny" else "small" for a in warm[:-3]] + [str(tmp_path / "w2"),
+                                                                  "--init-from", str(out)]
+    assert main(other) == 2  # the warm start must be the same architecture
 
     js = tmp_path / "cal.json"
     assert main(["calibrate", str(out), "--n-seqs", "20", "--json", str(js)]) == 0

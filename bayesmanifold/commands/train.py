@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--snapshots", type=int, default=0, metavar="N",
                         help="save N roughly log-spaced fp16 weight snapshots (incl. step 0)")
+    parser.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                        help="warm start: initial weights from a finished checkpoint of the same "
+                        "task and architecture (fresh optimiser and schedule)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", metavar="PATH", help="write the final metrics as JSON")
@@ -75,6 +78,8 @@ def _command(args) -> str:
         parts += ["--loss", args.loss]
     if args.snapshots:
         parts += ["--snapshots", str(args.snapshots)]
+    if args.init_from:
+        parts += ["--init-from", args.init_from]
     parts += ["--eval-every", str(args.eval_every), "--n-eval", str(args.n_eval), "--out", args.out]
     return quote_command(parts)
 
@@ -114,8 +119,19 @@ def run(args) -> int:
         snapshot_steps=log_spaced_steps(args.steps, args.snapshots),
         progress=not args.no_progress,
     )
-    res = train(task, spec, config, out_dir=args.out, preset=args.preset,
-                command=_command(args), device=device)
+    model = None
+    if args.init_from:
+        from ..models.checkpoint import load_checkpoint
+
+        model, init_task, init_cfg, _ = load_checkpoint(args.init_from)
+        if init_task != task or init_cfg["model"] != spec.to_dict():
+            raise ConfigError(
+                f"--init-from {args.init_from!r} holds {init_cfg['arch']} {init_cfg['model']} on "
+                f"{init_task.to_dict()}; this run is {spec.to_dict()} on {task.to_dict()}"
+            )
+        model.train()
+    res = train(task, spec, config, model=model, out_dir=args.out, preset=args.preset,
+                command=_command(args), device=device, init_from=args.init_from)
     last = res.history["eval"][-1] if res.history.get("eval") else {}
     summary = {
         "task": task.NAME,

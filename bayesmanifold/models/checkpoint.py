@@ -67,7 +67,8 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformer_lens": tl}
 
 
-def _config_dict(*, task, spec, config, preset, command, step, complete, model, dtype) -> dict:
+def _config_dict(*, task, spec, config, preset, command, step, complete, model, dtype,
+                 init_from=None) -> dict:
     return {
         "format": FORMAT,
         "task": task.to_dict(),
@@ -77,6 +78,7 @@ def _config_dict(*, task, spec, config, preset, command, step, complete, model, 
         "train": config.to_dict(),
         "seed": config.seed,
         "command": command,
+        "init_from": init_from,
         "step": int(step),
         "complete": bool(complete),
         "n_params": count_params(model),
@@ -97,6 +99,7 @@ def save_checkpoint(
     complete: bool,
     preset: "str | None" = None,
     command: "str | None" = None,
+    init_from: "str | None" = None,
     optimizer: "torch.optim.Optimizer | None" = None,
     scheduler: Any = None,
     generator: "torch.Generator | None" = None,
@@ -105,7 +108,8 @@ def save_checkpoint(
     out = ensure_dir(out_dir)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     cfg = _config_dict(task=task, spec=spec, config=config, preset=preset, command=command,
-                       step=step, complete=complete, model=model, dtype="float32")
+                       step=step, complete=complete, model=model, dtype="float32",
+                       init_from=init_from)
     if optimizer is not None and not complete:
         atomic_torch_save(out / STATE, {
             "format": FORMAT,

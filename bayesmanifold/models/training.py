@@ -181,6 +181,7 @@ def train(
     preset: "str | None" = None,
     command: "str | None" = None,
     device: "str | torch.device" = "cpu",
+    init_from: "str | None" = None,
 ) -> TrainResult:
     """Train ``spec``'s model on ``task``; checkpoint to and resume from ``out_dir``.
 
@@ -196,6 +197,7 @@ def train(
         callbacks: objects with ``on_step(model, step)`` (and optionally ``state()``).
         preset, command: recorded in the checkpoint's config.
         device: ``"cpu"``, ``"cuda"``...
+        init_from: the checkpoint ``model``'s weights came from (a warm start; recorded only).
 
     Returns:
         :class:`TrainResult` with the model and its history.
@@ -227,7 +229,8 @@ def train(
     history: dict[str, Any] = {"loss": [], "eval": [], "callbacks": {}, "wall_time_s": 0.0}
     start = 0
     out = Path(out_dir) if out_dir is not None else None
-    meta = dict(task=task, spec=spec, config=config, preset=preset, command=command)
+    meta = dict(task=task, spec=spec, config=config, preset=preset, command=command,
+                init_from=init_from)
 
     if out is not None:
         state = ckpt.read_train_state(out, expect=meta)
