@@ -22,12 +22,12 @@ def run(args) -> int:
     if not rows:
         print("no shipped checkpoints found")
         return 0
-    head = f"{'name':<22} {'task':<10} {'params':<18} {'arch':<12} {'n_params':>9} {'steps':>7} {'MAE (bits)':>11}"
+    head = f"{'name':<22} {'task':<10} {'task params':<30} {'arch':<12} {'n_params':>9} {'steps':>7} {'MAE (bits)':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mae = "-" if r["entropy_mae_bits"] is None else f"{r['entropy_mae_bits']:.4f}"
         params = json.dumps(r["task_params"], separators=(",", "=")).strip("{}").replace('"', "")
-        print(f"{r['name']:<22} {r['task'] or '-':<10} {params:<18} {r['arch'] or '-':<12} "
+        print(f"{r['name']:<22} {r['task'] or '-':<10} {params:<30} {r['arch'] or '-':<12} "
               f"{r['n_params'] or 0:>9} {r['steps'] or 0:>7} {mae:>11}")
     return 0
