@@ -197,7 +197,12 @@ class ProbeResult:
             a.legend(fontsize=7)
         lines = []
         for m, s in self.summary.items():
-            lines.append(f"{m}: routing stable from {s['attention_stable_step']}, values from {s['values_stable_step']}")
+            a = s["attention_stable_step"]
+            v = s["values_stable_step"]
+            lines.append(
+                f"{m}: attention drift < 10% of peak from step {'-' if a is None else a}, "
+                f"value drift from {'-' if v is None else v}"
+            )
         fig.suptitle("Routing vs value dynamics, sticky chain (one seed)\n" + "; ".join(lines), fontsize=9)
         fig.tight_layout()
         return axes[0, 0]

@@ -18,6 +18,15 @@ from bayesmanifold.experiments.em_vs_sgd import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a small shared machine OpenMP threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _autograd_reference(X, y, WQ, WK, WV, WO):
     """Dense single head with autograd: per-row mean CE, grads, α and u = ∂L/∂z."""
     Ws = [w.clone().requires_grad_(True) for w in (WQ, WK, WV, WO)]
