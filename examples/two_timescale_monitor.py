@@ -11,6 +11,7 @@ Run:
 """
 
 import argparse
+import math
 import sys
 
 import torch
@@ -57,6 +58,14 @@ def main(argv=None) -> dict:
     )
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    warmup = max(1, steps // 20)  # the paper's recipe: linear warm-up, then cosine decay
+
+    def lr_factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     for step in range(steps + 1):
         if step > 0:
             batch = task.sample(64, generator=gen)
@@ -65,13 +74,16 @@ def main(argv=None) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
         monitor.on_step(model, step)  # <- the only line the monitor needs
 
     res = monitor.result()
     s = res.summary()
     print(f"checkpoints: {s['n_checkpoints']}, final calibration MAE: {s['final_calibration']:.4f} bits")
-    print(f"frame (attention) stabilises at step {s['frame_stabilization_step']}, "
+    print(f"drift rule: frame (attention) stabilises at step {s['frame_stabilization_step']}, "
           f"precision (values) at step {s['precision_stabilization_step']}, ratio {s['dissociation_ratio']}")
+    print(f"settling rule: frame {s['frame_settling_step']}, values {s['precision_settling_step']}, "
+          f"calibration {s['calibration_settling_step']}, ratio {s['settling_ratio']}")
     if args.state:
         from bayesmanifold.io import atomic_write_json
 
