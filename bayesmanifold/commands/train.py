@@ -71,7 +71,8 @@ def _command(args) -> str:
         parts += ["--param", p]
     parts += ["--arch", args.arch, "--preset", args.preset, "--steps", str(args.steps),
               "--batch-size", str(args.batch_size), "--lr", repr(args.lr),
-              "--warmup", str(args.warmup), "--seed", str(args.seed)]
+              "--warmup", str(args.warmup), "--weight-decay", repr(args.weight_decay),
+              "--seed", str(args.seed)]
     if args.arch == "mlp":
         parts += ["--mlp-context", args.mlp_context]
     if args.loss:
