@@ -34,7 +34,8 @@ print(result.table())
 # What the table says, in one line each.
 print(f"H_min = {numbers['h_min_nats']:.4f} nats; SGD ends {numbers['sgd']['gap_to_h_min_nats']:+.3f} above it, "
       f"EM-like {numbers['em_like']['gap_to_h_min_nats']:+.3f}")
-print(f"fastest method to the SGD level: {result.fastest()}")
+print(f"fastest method to the SGD level: {result.fastest()} "
+      f"(among methods that do not memorise: {result.fastest(generalising=True)})")
 for method, s in probes.summary.items():
     print(f"{method}: attention drift settles at step {s['attention_stable_step']}, "
           f"value drift at step {s['values_stable_step']} (routing first: {s['routing_first']})")
