@@ -16,9 +16,11 @@ __all__ = ["main", "build_parser"]
 
 # One entry per sub-command module, in the order --help lists them.
 COMMAND_MODULES: list[str] = [
+    "demo",
+    "report",
     "verify",
-    "train",
     "analyze",
+    "train",
     "calibrate",
     "checkpoints",
     "reproduce",

@@ -82,12 +82,14 @@ class Report:
         how_to_read: str,
         *,
         figure: Any = None,
+        png: bytes | None = None,
         name: str | None = None,
         numbers: dict[str, Any] | None = None,
         table: Any = None,
     ) -> None:
-        """Add a section; ``figure`` is a matplotlib Figure, ``table`` a pandas DataFrame."""
-        png = figure_png(figure) if figure is not None else None
+        """Add a section; ``figure`` is a matplotlib Figure (or ``png`` its bytes), ``table`` a DataFrame."""
+        if figure is not None:
+            png = figure_png(figure)
         fname = f"{name or _slug(title)}.png" if png is not None else None
         table_html = None
         if table is not None:
@@ -136,6 +138,7 @@ class Report:
             raise BayesManifoldError(f"report path {str(out)!r} exists and is not a directory")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes 0700; a report is meant to be read
             for s in self.sections:
                 if s.figure_png is not None:
                     (tmp / s.figure_name).write_bytes(s.figure_png)

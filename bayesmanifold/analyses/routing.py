@@ -473,9 +473,15 @@ def verify_routing_law(
 class OneStepResult:
     """Did one small gradient-descent step move attention toward positive-advantage keys?
 
-    Per head: ``gain_share_positive``, the share of the attention mass gained (Σ max(Δα, 0))
-    that went to keys with A > 0 (0.5 would be chance-like for a balanced split; the law predicts
-    near 1 for small steps); ``net_mass_to_positive``, the mean over queries of Σ_{A>0} Δα_ij;
+    Per head: ``adv_weighted_dalpha``, the mean over queries of Σ_j A_ij Δα_ij, the headline
+    test: a step on the scores themselves (Δs = η α A) gives Σ_j A_ij Δα_ij = η Σ_j α_ij² A_ij²
+    ≥ 0 to first order (because Σ_j α_ij A_ij = 0), and Σ_j A_ij Δα_ij = −Σ_j b_ij Δα_ij is the
+    first-order loss decrease through this head's attention, so positive means attention moved
+    toward keys whose values help; ``frac_queries_toward_positive``, the share of queries (with
+    more than one key) for which it is positive; ``gain_share_positive``, the share of the
+    attention mass gained (Σ max(Δα, 0)) that went to keys with A > 0 (descriptive: even the pure
+    law does not make every positive key gain, since Δα_ij ∝ α_ij(α_ij A_ij − Σ_k α_ik² A_ik));
+    ``net_mass_to_positive``, the mean over queries of Σ_{A>0} Δα_ij;
     ``corr_ds_alpha_adv``, the Pearson correlation over unmasked entries between the α-centred
     score change Δs_ij − Σ_j α_ij Δs_ij (what moves α to first order) and α_ij A_ij (the change a
     step on the scores themselves would make). Parameter steps move scores through W_Q and W_K
@@ -614,12 +620,17 @@ def one_step_check(
             x = ds_c[:, i][m].double()
             y = (a0[:, i] * adv[:, i])[m].double()
             gsum = float(gain[:, i].sum())
+            adv_da = (adv[:, i] * da[:, i]).sum(-1)  # Σ_j A_ij Δα_ij per query
+            qmask = b.query_valid & (mask_e[:, 0].sum(-1) > 1)  # rows with a choice to make
+            nq = max(float(qmask.sum()), 1.0)
             rows.append(
                 {
                     "layer": layer,
                     "head": head,
                     "gain_share_positive": float((gain[:, i] * pos[:, i]).sum()) / gsum if gsum > 0 else 0.0,
                     "net_mass_to_positive": float(((da[:, i] * pos[:, i]).sum(-1) * qv[:, 0]).sum() / qv.sum()),
+                    "adv_weighted_dalpha": float((adv_da * qmask).sum()) / nq,
+                    "frac_queries_toward_positive": float(((adv_da > 0) & qmask).sum()) / nq,
                     "corr_ds_alpha_adv": _pearson(x, y),
                     "mean_abs_dalpha": float(da[:, i].abs().sum() / max(float(m.sum()), 1)),
                 }

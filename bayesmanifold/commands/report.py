@@ -1,0 +1,35 @@
+"""``bayesmanifold report``: every analysis on a model, as one self-contained HTML report."""
+
+import argparse
+
+from ..demo import build_report, summary_lines
+
+NAME = "report"
+HELP = "test the papers' claims on a checkpoint or model and write a self-contained HTML report"
+EXAMPLE = "bayesmanifold report bijection-v20 --out report/"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
+    p.add_argument("--out", default="report", metavar="DIR", help="report directory (default: report)")
+    p.add_argument("--task", metavar="NAME", help="wind tunnel for a model that is not a checkpoint")
+    p.add_argument("--prompts", metavar="FILE", help="prompts file (one per line) for Paper III's protocol")
+    p.add_argument("--em-vs-sgd", action="store_true", help="also run Paper II's EM-like vs SGD experiment")
+    p.add_argument("--quick", action="store_true", help="fewer sequences and seeds")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write summary.json's content to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    path, summary = build_report(
+        args.target, out=args.out, device=args.device, seed=args.seed, quick=args.quick, task=args.task,
+        prompts=args.prompts, em_vs_sgd=args.em_vs_sgd, progress=not args.no_progress,
+    )
+    print("\n".join(summary_lines(path, summary)))
+    if args.json:
+        from ..io import atomic_write_json
+
+        atomic_write_json(args.json, summary)
+    return 0
