@@ -224,11 +224,22 @@ def _load_weights(model: nn.Module, file: Path) -> None:
     except Exception as exc:
         raise CheckpointError(f"cannot read weights {str(file)!r}: {exc}") from None
     ref = model.state_dict()
-    sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights {str(file)!r} do not fit the configured model: {exc}") from None
+    params = {k for k, _ in model.named_parameters()}
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"weights {str(file)!r} are not a state dict")
+    missing = sorted(params - set(sd))
+    wrong = sorted(k for k in params & set(sd) if tuple(sd[k].shape) != tuple(ref[k].shape))
+    if missing or wrong:
+        raise CheckpointError(
+            f"weights {str(file)!r} do not fit the configured model: missing {missing[:5]}, "
+            f"wrong shapes {[(k, tuple(sd[k].shape), tuple(ref[k].shape)) for k in wrong[:5]]}"
+        )
+    # Buffers (TransformerLens's causal masks, IGNORE) are derived from the config and differ
+    # between TransformerLens versions (3.x stores an empty mask): keep the model's own unless
+    # the stored one has the same shape.
+    keep = {k: v.to(ref[k].dtype) for k, v in sd.items()
+            if k in params or (k in ref and tuple(v.shape) == tuple(ref[k].shape))}
+    model.load_state_dict(keep, strict=False)
 
 
 def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "cpu"):
