@@ -181,9 +181,13 @@ def build_report(
         summary["analyze"] = res
         ko = res["key_orthogonality"]
         ko_rand = res.get("key_orthogonality_random_init")
+        # Held only if below 0.1 *and* below a fresh model's value: orthogonality that a random
+        # initialisation already has is not something training produced.
         rep.claim("Keys of the hypothesis tokens are near-orthogonal in layer 0",
-                  f"{ko[0]:.3f}" + (f" (random init {ko_rand[0]:.2f})" if ko_rand else ""),
-                  "< 0.1 (0.09–0.12; random 0.40–0.45)", ko[0] < 0.1, res.get("key_orthogonality_definition", ""))
+                  f"{ko[0]:.3f}" + (f" (random init {ko_rand[0]:.3f})" if ko_rand else ""),
+                  "< 0.1 (0.09–0.12; random 0.40–0.45)",
+                  bool(ko[0] < 0.1 and (not ko_rand or ko[0] < ko_rand[0])),
+                  res.get("key_orthogonality_definition", "") + "; held = below 0.1 and below the random-init baseline")
         rho = res.get("spearman_pc1_entropy")
         rep.claim("Representations lie on a low-dimensional manifold ordered by posterior entropy",
                   f"PC1 {100 * res['value_pc1']:.1f}%, PC1+PC2 {100 * res['value_pc12']:.1f}%, Spearman(PC1, entropy) "
@@ -221,7 +225,11 @@ def build_report(
     def em() -> None:
         from .experiments.em_vs_sgd import EMvsSGDConfig, run_em_vs_sgd
 
-        cfg = EMvsSGDConfig(seeds=(42, 2024) if quick else (42, 2024, 1337, 7777, 9999), steps=300 if quick else 1000)
+        # Live: SGD vs EM-like on the paper's seeds. The controls (uniform lr, tuned Adam, the
+        # closed-form M-step, literal stickiness) take several more minutes on 2 CPU cores, so the
+        # report shows them from the recorded full run, labelled with the command that made it.
+        cfg = EMvsSGDConfig(seeds=(42, 2024) if quick else (42, 2024, 1337, 7777, 9999),
+                            steps=300 if quick else 1000, controls=False)
         res = run_em_vs_sgd(cfg)
         d = res.to_dict()
         summary["em_vs_sgd"] = d
@@ -229,19 +237,33 @@ def build_report(
         rep.claim("EM-like schedule (10× value lr) converges faster than SGD on the sticky chain",
                   f"speed-up {sp:.2f}× ({d['steps_to_sgd_final_mean']:.0f} steps to SGD's final loss), p = {d['p_value']:.3g}"
                   + (" (quick: 2 seeds, 300 steps)" if quick else ""),
-                  "2.3× (430 vs 1000 steps)", bool(sp is not None and 1.8 <= sp <= 2.8) if not quick else None)
-        ctrl = d["controls"].get("sgd_lr0.1")
-        if ctrl:
-            rep.claim("Control the paper lacks: plain SGD at lr 0.1 on every matrix",
-                      f"reaches the threshold in {ctrl['steps_to_sgd_final_mean']:.0f} steps; final loss {ctrl['final_loss_mean']:.3f} "
-                      f"vs EM-like {d['em_like']['final_loss_mean']:.3f}", "not reported", None,
-                      f"fastest method in the table: {d['fastest']}")
+                  "2.3× (430 vs 1000 steps)", bool(sp is not None and 1.8 <= sp <= 2.8) if not quick else None,
+                  "target 2.3 ± 0.5")
         import pandas as pd
 
-        rep.section("EM-like vs SGD (Paper II's experiment, with controls)",
-                    "Loss curves of each method (mean over seeds) with the minimum Bayes entropy H_min; the table lists final "
-                    "loss, entropy and steps to SGD's final loss. The step-size-matched control tells whether the speed-up is EM "
-                    "structure or just a larger value learning rate.", figure=_fig(res), name="em_vs_sgd", table=pd.DataFrame(res.to_dataframe()))
+        table = pd.DataFrame(res.to_dataframe())
+        recorded = _recorded_em()
+        how = ("Loss curves of SGD and the EM-like schedule (mean over seeds) with the minimum Bayes entropy H_min. ")
+        if recorded is not None:
+            ctrl = recorded["controls"].get("sgd_lr0.1")
+            if ctrl:
+                rep.claim("Control the paper lacks: plain SGD at lr 0.1 on every matrix",
+                          f"reaches SGD's final loss in {ctrl['steps_to_sgd_final_mean']:.0f} steps (EM-like: "
+                          f"{recorded['steps_to_sgd_final_mean']:.0f}); final loss {ctrl['final_loss_mean']:.3f} vs "
+                          f"{recorded['em_like']['final_loss_mean']:.3f}", "not reported", None,
+                          f"recorded full run; fastest method there: {recorded.get('fastest')}")
+            rows = [{"method": k, **{f: v.get(f) for f in ("final_loss_mean", "final_loss_std", "entropy_mean", "accuracy_mean", "steps_to_sgd_final_mean")}}
+                    for k, v in [("sgd", recorded["sgd"]), ("em_like", recorded["em_like"]), *recorded["controls"].items()]]
+            summary["em_vs_sgd_recorded"] = recorded
+            how += ("The second table is the recorded full run with every control (command: "
+                    f"{recorded.get('command', 'bayesmanifold reproduce em-vs-sgd')}); the step-size-matched control tells "
+                    "whether the speed-up is EM structure or just a larger value learning rate.")
+            rep.section("EM-like vs SGD (Paper II's experiment), live", how, figure=_fig(res), name="em_vs_sgd", table=table)
+            rep.section("EM-like vs SGD with the controls (recorded full run)",
+                        "Every method on the same seeds; steps to SGD's mean final loss (1000 = never reached).",
+                        table=pd.DataFrame(rows))
+        else:
+            rep.section("EM-like vs SGD (Paper II's experiment), live", how, figure=_fig(res), name="em_vs_sgd", table=table)
 
     stages.append(("load", load))
     stages.append(("gradient laws", laws))
@@ -266,6 +288,16 @@ def build_report(
     except OSError as exc:
         raise BayesManifoldError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from None
     return path, summary
+
+
+def _recorded_em() -> dict[str, Any] | None:
+    """The recorded full EM-vs-SGD run with controls, shipped with the package (or None)."""
+    import json
+
+    path = Path(__file__).parent / "experiments" / "em_vs_sgd_recorded.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def summary_lines(path: Path, summary: dict[str, Any]) -> list[str]:
