@@ -18,6 +18,8 @@ __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_tor
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) and check that it is a writable directory."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BayesManifoldError(f"output path {str(p)!r} exists and is not a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
