@@ -99,7 +99,27 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class Capture:
-    """Context manager that attaches capture hooks to a hooked model. Use :func:`capture`."""
+    """Attach capture hooks to ``model`` for the duration of a ``with`` block (alias: ``capture``).
+
+    Args:
+        model: a ``HookedTransformer`` or any ``HookedRootModule`` with TransformerLens hook names.
+        accumulators: objects with ``update(bundle)``, ``merge(other)``, ``finalize()``; each
+            receives every selected layer's :class:`LayerBundle` as soon as backward produces it.
+        layers: layer index, indices, or None for all.
+        heads: head indices for every layer, a ``{layer: heads}`` mapping, or None for all.
+        keep: also keep each layer's bundle of the last run in ``cap.kept`` (opt-in: memory).
+        keep_query_positions: keep only these query positions (slice or indices).
+        keep_device: move kept tensors there (e.g. ``"cpu"`` to offload from a GPU).
+        objective: default ``fn(logits, inputs) -> scalar`` for :meth:`Capture.run`.
+        input_hook: the hook point whose output becomes the gradient leaf (token models).
+
+    Example:
+        >>> from bayesmanifold.analyses.routing import RoutingLawCheck
+        >>> check = RoutingLawCheck()
+        >>> with capture(model, accumulators=[check]) as cap:  # doctest: +SKIP
+        ...     cap.run(tokens)
+        >>> check.finalize().to_dataframe()  # doctest: +SKIP
+    """
 
     def __init__(
         self,
@@ -428,47 +448,5 @@ def _bind(fn: Callable, *args: Any) -> Callable:
     return bound
 
 
-def capture(
-    model: nn.Module,
-    *,
-    accumulators: Iterable[Accumulator] = (),
-    layers: int | Iterable[int] | None = None,
-    heads: int | Sequence[int] | Mapping[int, Sequence[int]] | None = None,
-    keep: bool = False,
-    keep_query_positions: slice | Sequence[int] | None = None,
-    keep_device: str | torch.device | None = None,
-    objective: Objective | None = None,
-    input_hook: str | None = "hook_embed",
-) -> Capture:
-    """Attach capture hooks to ``model`` for the duration of a ``with`` block.
-
-    Args:
-        model: a ``HookedTransformer`` or any ``HookedRootModule`` with TransformerLens hook names.
-        accumulators: objects with ``update(bundle)``, ``merge(other)``, ``finalize()``; each
-            receives every selected layer's :class:`LayerBundle` as soon as backward produces it.
-        layers: layer index, indices, or None for all.
-        heads: head indices for every layer, a ``{layer: heads}`` mapping, or None for all.
-        keep: also keep each layer's bundle of the last run in ``cap.kept`` (opt-in: memory).
-        keep_query_positions: keep only these query positions (slice or indices).
-        keep_device: move kept tensors there (e.g. ``"cpu"`` to offload from a GPU).
-        objective: default ``fn(logits, inputs) -> scalar`` for :meth:`Capture.run`.
-        input_hook: the hook point whose output becomes the gradient leaf (token models).
-
-    Example:
-        >>> from bayesmanifold.analyses.routing import RoutingLawCheck
-        >>> check = RoutingLawCheck()
-        >>> with capture(model, accumulators=[check]) as cap:  # doctest: +SKIP
-        ...     cap.run(tokens)
-        >>> check.finalize().to_dataframe()  # doctest: +SKIP
-    """
-    return Capture(
-        model,
-        accumulators=accumulators,
-        layers=layers,
-        heads=heads,
-        keep=keep,
-        keep_query_positions=keep_query_positions,
-        keep_device=keep_device,
-        objective=objective,
-        input_hook=input_hook,
-    )
+# The documented entry point: ``with capture(model, ...) as cap:``.
+capture = Capture
