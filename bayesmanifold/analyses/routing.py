@@ -173,32 +173,42 @@ class RoutingLawCheck:
         self.stats = HeadStats(_CHECK_KINDS)
 
     def update(self, b: LayerBundle) -> None:
-        alpha, u, v = b.pattern, b.grad_z, b.values
-        compat = torch.einsum("bqhd,bkhd->bhqk", u, v)
-        law_s = alpha * (compat - (alpha * compat).sum(-1, keepdim=True))
-        gs = b.grad_scores
+        alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
         mask = _entry_mask(b)
-        res_s = _amax_heads((gs - law_s).abs())
-        del law_s
-        res_p = _amax_heads(torch.where(mask, b.grad_pattern - compat, 0).abs())
-        max_p = _amax_heads(torch.where(mask, b.grad_pattern, 0).abs())
-        del compat
-        rowsum = _amax_heads(gs.sum(-1).abs())
+        dims = (0, 2, 3)
+        acc = _PerHead(len(b.heads), {"res_s": "max", "max_s": "max", "res_p": "max", "max_p": "max", "rowsum": "max"})
+        for hs, qs, ks in _tiles(alpha, b.valid):
+            a, m = alpha[:, hs, qs, ks], mask[:, :, qs, ks]
+            g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
+            compat = torch.einsum("bqhd,bkhd->bhqk", u[:, qs, hs], v[:, ks, hs])  # b = u·v, recomputed
+            tmp = torch.sub(g_p, compat).abs_().masked_fill_(~m, 0)
+            res_p = tmp.amax(dims)
+            torch.abs(g_p, out=tmp).masked_fill_(~m, 0)
+            max_p = tmp.amax(dims)
+            torch.mul(a, compat, out=tmp)
+            bbar = tmp.sum(-1, keepdim=True)
+            compat.sub_(bbar).mul_(a).sub_(g_s).abs_()  # |∂L/∂s − α(b − b̄)|
+            res_s = compat.amax(dims)
+            torch.abs(g_s, out=tmp)
+            acc.add(hs, res_s=res_s, max_s=tmp.amax(dims), res_p=res_p, max_p=max_p,
+                    rowsum=gs[:, hs, qs].sum(-1).abs().amax((0, 2)))
+            del compat, tmp
+        cat = acc.v
         # ∂L/∂v_j = Σ_i α_ij u_i per query head, summed over each kv head's group.
         law_vq = torch.einsum("bhqk,bqhd->bkhd", alpha, u)
         kv = torch.tensor(b.kv_heads, device=law_vq.device)
         law_v = law_vq.new_zeros(b.grad_values.shape).index_add_(2, kv, law_vq)
-        res_v_kv = (b.grad_values - law_v).abs().amax(dim=(0, 1, 3)).double()
+        res_v_kv = law_v.sub_(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()
         max_v_kv = b.grad_values.abs().amax(dim=(0, 1, 3)).double()
         complete = torch.tensor(b.group_complete, dtype=torch.float64)
         self.stats.add(
             b.layer,
             b.heads,
-            max_abs_residual_dscores=res_s,
-            max_abs_dscores=_amax_heads(gs.abs()),
-            max_abs_rowsum_dscores=rowsum,
-            max_abs_residual_dpattern=res_p,
-            max_abs_dpattern=max_p,
+            max_abs_residual_dscores=cat["res_s"],
+            max_abs_dscores=cat["max_s"],
+            max_abs_rowsum_dscores=cat["rowsum"],
+            max_abs_residual_dpattern=cat["res_p"],
+            max_abs_dpattern=cat["max_p"],
             max_abs_residual_dvalues=res_v_kv.cpu()[b.kv_heads],
             max_abs_dvalues=max_v_kv.cpu()[b.kv_heads],
             value_law_checked=complete[b.kv_heads],
@@ -245,9 +255,58 @@ def _rel(res: float, scale: float) -> float:
 # Advantage statistics
 # ---------------------------------------------------------------------------------------------
 
-# Histogram of A on a symmetric log grid: |A| from 1e-12 to 1e4, 8 bins per decade, both signs.
-_HIST_POS = torch.logspace(-12, 4, 129, dtype=torch.float64)
-HIST_EDGES = torch.cat([-_HIST_POS.flip(0), _HIST_POS])
+# Histogram of A on a symmetric log grid: 8 bins per decade of |A| from 1e-12 to 1e4 on each
+# side (|A| outside is clamped into the end bins); bin k of 2·N_MAG: k < N_MAG negative, else positive.
+N_MAG = 130
+_MAG_CENTRES = 10.0 ** ((np.arange(N_MAG) - 97 + 0.5) / 8)
+HIST_BIN_VALUES = np.concatenate([-_MAG_CENTRES[::-1], _MAG_CENTRES])
+
+
+def _log_histogram(adv: Tensor, notmask: Tensor) -> Tensor:
+    """Counts per head ``[head, 2·N_MAG]`` of the unmasked entries of ``adv`` on the log grid."""
+    n_h = adv.shape[1]
+    lg = adv.abs().clamp_min_(1e-30).log10_().mul_(8).floor_().clamp_(-97, N_MAG - 98).add_(97)
+    idx = torch.where(adv > 0, lg + N_MAG, (N_MAG - 1) - lg)
+    idx.masked_fill_(notmask, 2 * N_MAG)  # a dump bin for masked entries
+    idx = idx.long() + torch.arange(n_h, device=adv.device)[None, :, None, None] * (2 * N_MAG + 1)
+    counts = torch.bincount(idx.flatten(), minlength=n_h * (2 * N_MAG + 1)).view(n_h, 2 * N_MAG + 1)
+    return counts[:, : 2 * N_MAG]
+
+
+def _tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20) -> list[tuple[slice, slice, slice]]:
+    """(heads, queries, keys) tiles covering every unmasked entry, about ``budget`` entries each.
+
+    Query blocks only reach the last key any of their queries may attend to, so the masked upper
+    triangle of a causal pattern is mostly skipped; temporaries stay cache-sized.
+    """
+    b, n_h, q, k = pattern.shape
+    qb = max(16, min(q, budget // max(b * k, 1)))
+    tiles = []
+    for q0 in range(0, q, qb):
+        q1 = min(q0 + qb, q)
+        keys = valid[:, q0:q1].any(0).any(0).nonzero()
+        k1 = int(keys[-1]) + 1 if keys.numel() else 1
+        per = max(1, budget // max(b * (q1 - q0) * k1, 1))
+        for h0 in range(0, n_h, per):
+            tiles.append((slice(h0, min(h0 + per, n_h)), slice(q0, q1), slice(0, k1)))
+    return tiles
+
+
+class _PerHead:
+    """Per-head running reductions over tiles (sum / max / min)."""
+
+    def __init__(self, n_h: int, kinds: dict[str, str]) -> None:
+        init = {"sum": 0.0, "max": -float("inf"), "min": float("inf")}
+        self.kinds = kinds
+        self.v = {k: torch.full((n_h,), init[r], dtype=torch.float64) for k, r in kinds.items()}
+
+    def add(self, hs: slice, **vals: Tensor) -> None:
+        for k, x in vals.items():
+            x = x.detach().to("cpu", torch.float64)
+            cur = self.v[k][hs]
+            r = self.kinds[k]
+            self.v[k][hs] = cur + x if r == "sum" else torch.maximum(cur, x) if r == "max" else torch.minimum(cur, x)
+
 
 _ADV_KINDS = {
     "n_entries": "sum",
@@ -284,7 +343,7 @@ class AdvantageResult:
 
     rows: list[dict[str, Any]]
     histograms: dict[tuple[int, int], np.ndarray]
-    edges: np.ndarray
+    bin_values: np.ndarray
 
     def to_dataframe(self):
         import pandas as pd
@@ -292,15 +351,13 @@ class AdvantageResult:
         return pd.DataFrame(self.rows)
 
     def quantile(self, layer: int, head: int, q: float) -> float:
-        """Approximate quantile of A for one head from its log-grid histogram (bin edges)."""
+        """Approximate quantile of A for one head from its log-grid histogram (a bin's centre)."""
         if not 0 <= q <= 1:
             raise InputError(f"quantile q must lie in [0, 1], got {q}")
         hist = self.histograms[(layer, head)]
         cdf = np.cumsum(hist) / max(hist.sum(), 1)
-        i = int(np.searchsorted(cdf, q))
-        lo = np.concatenate([[-np.inf], self.edges])
-        hi = np.concatenate([self.edges, [np.inf]])
-        return float(hi[i] if np.isfinite(hi[i]) else lo[i])
+        i = min(int(np.searchsorted(cdf, q)), len(hist) - 1)
+        return float(self.bin_values[i])
 
     def plot(self, ax=None):
         """Attention mass on positive-advantage keys, per layer and head (a heat map)."""
@@ -332,51 +389,67 @@ class AdvantageStats:
         self.hist: dict[int, Tensor] = {}
 
     def update(self, b: LayerBundle) -> None:
-        alpha = b.pattern
         mask = _entry_mask(b)
-        adv = torch.where(mask, advantage(alpha, torch.where(mask, b.grad_pattern, 0)), 0)
+        notmask = ~mask
+        qvb = b.query_valid[:, None, :]
+        qv = qvb.to(b.pattern.dtype)
         dims = (0, 2, 3)
-        maskf = mask.to(adv.dtype)
-        n_entries = maskf.sum(dims).expand(len(b.heads))
-        pos = (adv > 0) & mask
-        qv = b.query_valid[:, None, :].to(adv.dtype)  # [batch, 1, query]
-        n_q = qv.sum().expand(len(b.heads))
-        mass_pos = (alpha * pos).sum(-1)
-        alpha_adv = (alpha * adv).sum(-1)
-        alpha_abs = (alpha * adv.abs()).sum(-1)
-        argmax_pos = pos.gather(-1, alpha.argmax(-1, keepdim=True)).squeeze(-1)
-        g = b.grad_scores.abs()
-        tot = g.sum(-1)
-        live = (tot > 0) & b.query_valid[:, None, :]
-        p = g / torch.where(tot > 0, tot, 1)[..., None]
-        ent = -(p * torch.log(torch.where(p > 0, p, 1))).sum(-1)
-        inf = torch.tensor(float("inf"), dtype=adv.dtype, device=adv.device)
+        n_h = len(b.heads)
+        kinds = {"n_positive": "sum", "sum_adv": "sum", "sum_adv_sq": "sum", "min_adv": "min", "max_adv": "max",
+                 "sum_mass_positive": "sum", "sum_alpha_adv": "sum", "sum_abs_alpha_adv": "sum",
+                 "sum_alpha_abs_adv": "sum", "n_argmax_positive": "sum", "n_routing_queries": "sum",
+                 "sum_top1_share": "sum", "sum_effective_keys": "sum"}
+        acc = _PerHead(n_h, kinds)
+        hist = torch.zeros(n_h, 2 * N_MAG, dtype=torch.float64)
+        for hs, qs, ks in _tiles(b.pattern, b.valid):
+            a, gp, nm = b.pattern[:, hs, qs, ks], b.grad_pattern[:, hs, qs, ks], notmask[:, :, qs, ks]
+            q_v, q_vb = qv[:, :, qs], qvb[:, :, qs]
+            adv = torch.mul(a, gp)
+            bbar = adv.sum(-1, keepdim=True)
+            torch.sub(bbar, gp, out=adv).masked_fill_(nm, 0)  # A on valid entries, 0 elsewhere
+            pos = adv > 0
+            aa = torch.mul(a, adv)
+            alpha_adv = aa.sum(-1)
+            # Σ_j α_ij A_ij = 0 on every valid row, so A takes both signs there: the zeros at masked
+            # entries cannot change the min or the max.
+            vals = dict(
+                n_positive=pos.sum(dims),
+                sum_adv=adv.sum(dims, dtype=torch.float64),
+                sum_adv_sq=torch.linalg.vector_norm(adv, dim=dims, dtype=torch.float64) ** 2,
+                min_adv=adv.amin(dims),
+                max_adv=adv.amax(dims),
+                sum_mass_positive=(torch.where(pos, a, 0).sum(-1) * q_v).sum((0, 2), dtype=torch.float64),
+                n_argmax_positive=(pos.gather(-1, a.argmax(-1, keepdim=True)).squeeze(-1) & q_vb).sum((0, 2)),
+                sum_alpha_adv=(alpha_adv * q_v).sum((0, 2), dtype=torch.float64),
+                sum_abs_alpha_adv=(alpha_adv.abs() * q_v).sum((0, 2), dtype=torch.float64),
+                sum_alpha_abs_adv=(aa.abs_().sum(-1) * q_v).sum((0, 2), dtype=torch.float64),
+            )
+            if self.histogram:
+                hist[hs] += _log_histogram(adv, nm).cpu().double()
+            del aa, pos
+            g = torch.abs(b.grad_scores[:, hs, qs, ks], out=adv)
+            tot = g.sum(-1)
+            live = (tot > 0) & q_vb
+            safe = torch.where(tot > 0, tot, 1)
+            # entropy of p = g / tot: log tot − Σ g log g / tot
+            ent = safe.log() + torch.special.entr(g).sum(-1) / safe
+            vals.update(
+                n_routing_queries=live.sum((0, 2)),
+                sum_top1_share=torch.where(live, g.amax(-1) / safe, 0).sum((0, 2), dtype=torch.float64),
+                sum_effective_keys=torch.where(live, ent.exp(), 0).sum((0, 2), dtype=torch.float64),
+            )
+            acc.add(hs, **vals)
+            del adv, g
+        cat = acc.v
         self.stats.add(
             b.layer,
             b.heads,
-            n_entries=n_entries,
-            n_positive=pos.sum(dims),
-            sum_adv=adv.double().sum(dims),
-            sum_adv_sq=(adv.double() ** 2).sum(dims),
-            min_adv=_amin_heads(torch.where(mask, adv, inf)),
-            max_adv=_amax_heads(torch.where(mask, adv, -inf)),
-            n_queries=n_q,
-            sum_mass_positive=(mass_pos * qv).double().sum((0, 2)),
-            sum_alpha_adv=(alpha_adv * qv).double().sum((0, 2)),
-            sum_abs_alpha_adv=(alpha_adv.abs() * qv).double().sum((0, 2)),
-            sum_alpha_abs_adv=(alpha_abs * qv).double().sum((0, 2)),
-            n_argmax_positive=(argmax_pos & b.query_valid[:, None, :]).sum((0, 2)),
-            n_routing_queries=live.sum((0, 2)),
-            sum_top1_share=torch.where(live, g.amax(-1) / torch.where(tot > 0, tot, 1), 0).double().sum((0, 2)),
-            sum_effective_keys=torch.where(live, ent.exp(), 0).double().sum((0, 2)),
+            n_entries=mask.sum(dims).expand(n_h),
+            n_queries=qv.sum().expand(n_h),
+            **cat,
         )
         if self.histogram:
-            edges = HIST_EDGES.to(adv.device, adv.dtype)
-            nb = len(edges) + 1
-            idx = torch.bucketize(adv, edges) + torch.arange(len(b.heads), device=adv.device)[None, :, None, None] * nb
-            counts = torch.bincount(idx[mask.expand_as(idx)], minlength=nb * len(b.heads)).view(len(b.heads), nb)
-            counts = counts.cpu().double()
-            self.hist[b.layer] = self.hist[b.layer] + counts if b.layer in self.hist else counts
+            self.hist[b.layer] = self.hist[b.layer] + hist if b.layer in self.hist else hist
 
     def merge(self, other: "AdvantageStats") -> "AdvantageStats":
         self.stats.merge(other.stats)
@@ -414,7 +487,7 @@ class AdvantageStats:
             )
             if layer in self.hist:
                 hists[(layer, head)] = self.hist[layer][self.stats.heads[layer].index(head)].numpy()
-        return AdvantageResult(rows=rows, histograms=hists, edges=HIST_EDGES.numpy())
+        return AdvantageResult(rows=rows, histograms=hists, bin_values=HIST_BIN_VALUES)
 
 
 def _amin_heads(t: Tensor) -> Tensor:
