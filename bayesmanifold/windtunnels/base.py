@@ -119,6 +119,11 @@ class WindTunnel:
 
         return {"task": self.NAME, **asdict(self)}  # type: ignore[call-overload]
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WindTunnel":
+        """Inverse of :meth:`to_dict` (the ``"task"`` key names the class and is dropped)."""
+        return cls(**{k: v for k, v in d.items() if k != "task"})
+
     @staticmethod
     def _check_batch_size(batch_size: Any) -> int:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -59,11 +59,6 @@ class BijectionTask(WindTunnel):
                 "use L <= V or replacement=True"
             )
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "BijectionTask":
-        d = {k: v for k, v in d.items() if k != "task"}
-        return cls(**d)
-
     @property
     def d_vocab(self) -> int:
         return 2 * self.V

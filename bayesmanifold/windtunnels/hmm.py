@@ -138,11 +138,6 @@ class HMMTask(WindTunnel):
         _check_int("O (symbols)", self.O, 2, 20)
         _check_int("K (observations)", self.K, 1)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "HMMTask":
-        d = {k: v for k, v in d.items() if k != "task"}
-        return cls(**d)
-
     @property
     def d_vocab(self) -> int:
         return SYMBOL0 + max(self.S, self.O)

@@ -74,11 +74,6 @@ class RecallTask(WindTunnel):
                 "use N <= n_keys or distinct_keys=False"
             )
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RecallTask":
-        d = {k: v for k, v in d.items() if k != "task"}
-        return cls(**d)
-
     @property
     def query_token(self) -> int:
         return self.n_keys + self.n_values + self.n_filler
