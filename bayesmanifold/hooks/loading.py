@@ -106,6 +106,9 @@ def load_hf_directory(path: str | os.PathLike, *, device: str = "cpu", dtype: st
         tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError, TypeError):
         tok = None
+    if tok is None:
+        # No tokenizer saved: stop TransformerLens from trying to load one by name (2.x does).
+        cfg_dict = {**cfg_dict, "tokenizer_name": None}
     cfg = HookedTransformerConfig.from_dict({**cfg_dict, "device": device, "dtype": dt})
     model = HookedTransformer(cfg, tokenizer=tok)
     state = loading.get_pretrained_state_dict(str(p), cfg, hf_model=hf, dtype=dt)
