@@ -680,7 +680,13 @@ def replay(
         missing = [k for k in dict(work.named_parameters()) if k not in sd]
         if missing:
             raise CheckpointError(f"snapshot {str(path)!r} lacks parameters {missing[:3]}{'…' if len(missing) > 3 else ''}")
-        cast = {k: v.to(params[k].dtype) for k, v in sd.items() if k in params and torch.is_tensor(v)}
+        wrong = [k for k, p in work.named_parameters() if tuple(sd[k].shape) != tuple(p.shape)]
+        if wrong:
+            raise CheckpointError(f"snapshot {str(path)!r} has parameters of other shapes: {wrong[:3]}")
+        # Buffers such as TransformerLens's causal mask differ between versions (3.x stores an
+        # empty one): load a stored tensor only where its shape fits the model's.
+        cast = {k: v.to(params[k].dtype) for k, v in sd.items()
+                if k in params and torch.is_tensor(v) and tuple(v.shape) == tuple(params[k].shape)}
         work.load_state_dict(cast, strict=False)
         monitor.record(work, step)
     del work
