@@ -70,7 +70,7 @@ def build_report(
     matplotlib.use("Agg")
     from tqdm.auto import tqdm
 
-    from .commands import analyze as az
+    from .analyses import suite
 
     args = argparse.Namespace(
         target=target, task=task, prompts=prompts, device=device, dtype="float32", seed=seed,
@@ -83,7 +83,7 @@ def build_report(
     t_start = time.perf_counter()
 
     def load() -> None:
-        model, tk, cfg, history, ckpt = az._load(args)
+        model, tk, cfg, history, ckpt = suite.load_target(args)
         if not hasattr(model, "blocks"):
             raise InputError(f"{target!r} holds a {type(model).__name__}, not an attention model; the report needs a HookedTransformer")
         state.update(model=model, task=tk, cfg=cfg, history=history, ckpt=ckpt)
@@ -173,9 +173,9 @@ def build_report(
         with tempfile.TemporaryDirectory() as d:
             figs: list[str] = []
             if tk is not None and not prompts:
-                res = az._windtunnel(model, tk, args, state["history"], state["ckpt"], Path(d), figs)
+                res = suite.windtunnel_suite(model, tk, args, state["history"], state["ckpt"], Path(d), figs)
             else:
-                res = az._text(model, args, Path(d), figs)
+                res = suite.text_suite(model, args, Path(d), figs)
             pngs = {Path(f).stem: Path(f).read_bytes() for f in figs}
         state["analyze"] = res
         summary["analyze"] = res
