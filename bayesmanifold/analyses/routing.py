@@ -54,11 +54,6 @@ def _entry_mask(b: LayerBundle) -> Tensor:
     return (b.valid & b.query_valid[:, :, None])[:, None]
 
 
-def _amax_heads(t: Tensor) -> Tensor:
-    """Per-head max over every dimension but the head one (dim 1), as float64."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1).amax(dim=1).double() if t.numel() else t.new_zeros(t.shape[1])
-
-
 # ---------------------------------------------------------------------------------------------
 # Verification
 # ---------------------------------------------------------------------------------------------
@@ -488,10 +483,6 @@ class AdvantageStats:
             if layer in self.hist:
                 hists[(layer, head)] = self.hist[layer][self.stats.heads[layer].index(head)].numpy()
         return AdvantageResult(rows=rows, histograms=hists, bin_values=HIST_BIN_VALUES)
-
-
-def _amin_heads(t: Tensor) -> Tensor:
-    return t.transpose(0, 1).reshape(t.shape[1], -1).amin(dim=1).double()
 
 
 # ---------------------------------------------------------------------------------------------

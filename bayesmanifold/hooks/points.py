@@ -29,10 +29,6 @@ class AttentionLayerInfo:
     n_kv_heads: int | None
     attn_scale: float | None
 
-    def kv_head(self, head: int, n_heads: int, n_kv: int) -> int:
-        """The key/value head that query head ``head`` reads under grouped-query attention."""
-        return head // (n_heads // n_kv)
-
 
 def _require_hooked(model: object) -> None:
     from transformer_lens.hook_points import HookedRootModule
