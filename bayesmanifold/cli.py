@@ -7,6 +7,7 @@ printed as one line on stderr with exit code 2; ``--debug`` shows the full trace
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -69,6 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"bayesmanifold {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (``bayesmanifold checkpoints | head``): stop quietly,
+        # and keep Python from reporting the broken pipe again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from bayesmanifold.cli import main
 
 
@@ -55,3 +57,34 @@ def test_train_hmm_lstm_and_bad_input(tmp_path, capsys):
                  str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert "TaskError" not in err and "S (states)" in err
+
+
+def test_warm_start_continues_the_lineage(tmp_path):
+    """A warm-started run carries its parent's snapshots and numbers its own cumulatively."""
+    from bayesmanifold.models import load_checkpoint, load_snapshot
+    from bayesmanifold.models.checkpoint import list_snapshots
+
+    base = ["train", "bijection", "--param", "V=6", "--param", "L=5", "--preset", "tiny",
+            "--n-eval", "8", "--no-progress", "--seed", "1"]
+    a, b, c = (tmp_path / n for n in "abc")
+    assert main(base + ["--steps", "6", "--snapshots", "3", "--out", str(a)]) == 0
+    assert main(base + ["--steps", "4", "--snapshots", "2", "--loss", "soft",
+                        "--init-from", str(a), "--out", str(b)]) == 0
+    assert main(base + ["--steps", "3", "--init-from", str(b), "--out", str(c)]) == 0
+    assert [s for s, _ in list_snapshots(a)] == [0, 1, 6]
+    assert [s for s, _ in list_snapshots(b)] == [0, 1, 6, 10]  # 6 = a's end = b's start
+    assert [s for s, _ in list_snapshots(c)] == [0, 1, 6, 10]  # c asked for none of its own
+    cb, cc = (json.loads((d / "config.json").read_text()) for d in (b, c))
+    assert cb["step_offset"] == 6 and cc["step_offset"] == 10
+    assert [st["checkpoint"] for st in cc["lineage"]] == [str(a), str(b)]
+    assert [st["steps"] for st in cc["lineage"]] == [6, 4]
+    assert cc["lineage"][1]["command"] == cb["command"] and "--loss soft" in cb["command"]
+    # b's last snapshot is b's final model (fp16); a's snapshots are a's own weights
+    final, _, _, _ = load_checkpoint(b)
+    snap = load_snapshot(b, 10)
+    for (k, v), w in zip(final.state_dict().items(), snap.state_dict().values()):
+        assert v.shape == w.shape and torch.allclose(v.double(), w.double(), atol=1e-2), k
+    assert (list_snapshots(b)[1][1].read_bytes() == list_snapshots(a)[1][1].read_bytes())
+    # a fresh run records no lineage
+    ca = json.loads((a / "config.json").read_text())
+    assert ca["step_offset"] == 0 and ca["lineage"] == []

@@ -5,7 +5,8 @@ import json
 from ..io import atomic_write_json
 
 NAME = "checkpoints"
-HELP = "list the shipped wind-tunnel checkpoints (name, task, arch, params, recorded MAE)"
+HELP = ("list the shipped wind-tunnel checkpoints (name, task, arch, params, steps of the last "
+        "stage with all stages in parentheses, recorded MAE)")
 EXAMPLE = "bayesmanifold checkpoints --json checkpoints.json"
 
 
@@ -22,12 +23,15 @@ def run(args) -> int:
     if not rows:
         print("no shipped checkpoints found")
         return 0
-    head = f"{'name':<22} {'task':<10} {'task params':<30} {'arch':<12} {'n_params':>9} {'steps':>7} {'MAE (bits)':>11}"
+    head = f"{'name':<28} {'task':<10} {'task params':<30} {'arch':<12} {'n_params':>9} {'steps':>13} {'MAE (bits)':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mae = "-" if r["entropy_mae_bits"] is None else f"{r['entropy_mae_bits']:.4f}"
         params = json.dumps(r["task_params"], separators=(",", "=")).strip("{}").replace('"', "")
-        print(f"{r['name']:<22} {r['task'] or '-':<10} {params:<30} {r['arch'] or '-':<12} "
-              f"{r['n_params'] or 0:>9} {r['steps'] or 0:>7} {mae:>11}")
+        steps = str(r["steps"] or 0)
+        if r["total_steps"] != (r["steps"] or 0):
+            steps += f" ({r['total_steps']})"
+        print(f"{r['name']:<28} {r['task'] or '-':<10} {params:<30} {r['arch'] or '-':<12} "
+              f"{r['n_params'] or 0:>9} {steps:>13} {mae:>11}")
     return 0

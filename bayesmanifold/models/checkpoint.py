@@ -3,13 +3,17 @@
 A checkpoint directory holds
 
 * ``config.json``: task parameters, architecture (:class:`ModelSpec`), preset, training config,
-  seed, the exact command, step, ``complete``, parameter count, weight dtype, library versions;
+  seed, the exact command, step, ``complete``, parameter count, weight dtype, library versions,
+  and for a warm-started run its ``init_from``, ``step_offset`` (the updates its initial weights
+  had already had) and ``lineage`` (every earlier stage's checkpoint, command and steps);
 * ``model.pt``: the weights (a ``state_dict``; fp16 in the shipped checkpoints, loaded as fp32);
 * ``history.json``: training losses, evaluations (entropy MAE, KL), callback states, wall time;
 * ``train_state.pt`` (runs in progress only): weights, optimiser, scheduler, data-RNG state, step
   and history in **one** file, so a resume never mixes two steps;
 * ``metrics.json`` (optional): a calibration measured after training (``bayesmanifold calibrate``);
-* ``snapshots/step_XXXXXX.pt``: fp16 weights at chosen steps, for replaying the training dynamics.
+* ``snapshots/step_XXXXXX.pt``: fp16 weights at chosen steps, for replaying the training dynamics;
+  numbered by cumulative step, and a warm-started run carries its parent's snapshots over, so
+  the trajectory of a multi-stage training lives in its last checkpoint.
 
 Every file is written to a temporary name and renamed (:mod:`bayesmanifold.io`).
 Shipped checkpoints live in ``bayesmanifold/checkpoints/<name>/`` inside the package.
@@ -41,6 +45,8 @@ __all__ = [
     "list_shipped",
     "save_snapshot",
     "list_snapshots",
+    "parent_lineage",
+    "carry_snapshots",
     "load_snapshot",
     "export_checkpoint",
 ]
@@ -68,7 +74,7 @@ def _versions() -> dict[str, str]:
 
 
 def _config_dict(*, task, spec, config, preset, command, step, complete, model, dtype,
-                 init_from=None) -> dict:
+                 init_from=None, step_offset=0, lineage=()) -> dict:
     return {
         "format": FORMAT,
         "task": task.to_dict(),
@@ -79,6 +85,8 @@ def _config_dict(*, task, spec, config, preset, command, step, complete, model, 
         "seed": config.seed,
         "command": command,
         "init_from": init_from,
+        "step_offset": int(step_offset),
+        "lineage": list(lineage),
         "step": int(step),
         "complete": bool(complete),
         "n_params": count_params(model),
@@ -100,6 +108,8 @@ def save_checkpoint(
     preset: "str | None" = None,
     command: "str | None" = None,
     init_from: "str | None" = None,
+    step_offset: int = 0,
+    lineage: "tuple | list" = (),
     optimizer: "torch.optim.Optimizer | None" = None,
     scheduler: Any = None,
     generator: "torch.Generator | None" = None,
@@ -109,7 +119,7 @@ def save_checkpoint(
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     cfg = _config_dict(task=task, spec=spec, config=config, preset=preset, command=command,
                        step=step, complete=complete, model=model, dtype="float32",
-                       init_from=init_from)
+                       init_from=init_from, step_offset=step_offset, lineage=lineage)
     if optimizer is not None and not complete:
         atomic_torch_save(out / STATE, {
             "format": FORMAT,
@@ -271,6 +281,41 @@ def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "
     return model, task, cfg, history
 
 
+def parent_lineage(init_from: "str | Path") -> tuple[int, list[dict]]:
+    """What a run warm-started from the finished checkpoint ``init_from`` continues.
+
+    Returns ``(step_offset, lineage)``: the updates the parent's weights have had in all (its own
+    steps plus its own offset), and the list of earlier stages, oldest first, each as
+    ``{"checkpoint", "command", "steps", "step_offset"}``. A continued run numbers its snapshots
+    by this cumulative step, so one checkpoint holds the whole trajectory.
+    """
+    cfg = read_config(init_from)
+    if not cfg.get("complete"):
+        raise CheckpointError(f"{str(init_from)!r} is not a finished run; a warm start needs one")
+    offset = int(cfg.get("step_offset", 0))
+    stage = {"checkpoint": str(init_from), "command": cfg.get("command"),
+             "steps": int(cfg["step"]), "step_offset": offset}
+    return offset + int(cfg["step"]), list(cfg.get("lineage", [])) + [stage]
+
+
+def carry_snapshots(src: "str | Path", out_dir: "str | Path") -> int:
+    """Copy ``src``'s weight snapshots into ``out_dir/snapshots`` (those not there yet).
+
+    Each file is copied to a temporary name and renamed. Returns the number copied.
+    """
+    n = 0
+    for step, f in list_snapshots(src):
+        dest = Path(out_dir) / SNAPSHOTS / f.name
+        if dest.exists():
+            continue
+        ensure_dir(dest.parent)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(f, tmp)
+        tmp.replace(dest)
+        n += 1
+    return n
+
+
 def save_snapshot(out_dir: "str | Path", step: int, model: nn.Module) -> Path:
     """Save fp16 weights to ``<out_dir>/snapshots/step_XXXXXX.pt``."""
     sd = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
@@ -320,17 +365,17 @@ def export_checkpoint(src: "str | Path", dest: "str | Path", half: bool = True) 
         if (src_d / name).is_file():
             shutil.copyfile(src_d / name, dest_d / (name + ".tmp"))
             (dest_d / (name + ".tmp")).replace(dest_d / name)
-    if (src_d / SNAPSHOTS).is_dir():
-        ensure_dir(dest_d / SNAPSHOTS)
-        for f in sorted((src_d / SNAPSHOTS).glob("step_*.pt")):
-            shutil.copyfile(f, dest_d / SNAPSHOTS / (f.name + ".tmp"))
-            (dest_d / SNAPSHOTS / (f.name + ".tmp")).replace(dest_d / SNAPSHOTS / f.name)
+    carry_snapshots(src_d, dest_d)
     atomic_write_json(dest_d / CONFIG, cfg)
     return dest_d
 
 
 def list_shipped() -> list[dict]:
-    """One dict per shipped checkpoint: name, task, arch, params, recorded MAE."""
+    """One dict per shipped checkpoint: name, task, arch, params, steps, recorded MAE.
+
+    ``steps`` counts the last training stage; ``total_steps`` adds the updates of the stages it
+    was warm-started from (``step_offset``).
+    """
     root = shipped_dir()
     rows = []
     if not root.is_dir():
@@ -356,6 +401,7 @@ def list_shipped() -> list[dict]:
             "preset": cfg.get("preset"),
             "n_params": cfg.get("n_params"),
             "steps": cfg.get("step"),
+            "total_steps": (cfg.get("step") or 0) + int(cfg.get("step_offset") or 0),
             "entropy_mae_bits": mae,
             "n_seqs": n_seqs,
         })

@@ -197,7 +197,11 @@ def train(
         callbacks: objects with ``on_step(model, step)`` (and optionally ``state()``).
         preset, command: recorded in the checkpoint's config.
         device: ``"cpu"``, ``"cuda"``...
-        init_from: the checkpoint ``model``'s weights came from (a warm start; recorded only).
+        init_from: the checkpoint ``model``'s weights came from (a warm start). When it names a
+            finished checkpoint (a directory or a shipped name), the run continues its lineage:
+            its snapshots are carried over into ``out_dir``, this run's snapshots are numbered
+            from the parent's cumulative step, and ``config.json`` records ``step_offset`` and
+            ``lineage``. Any other string is only recorded.
 
     Returns:
         :class:`TrainResult` with the model and its history.
@@ -229,8 +233,17 @@ def train(
     history: dict[str, Any] = {"loss": [], "eval": [], "callbacks": {}, "wall_time_s": 0.0}
     start = 0
     out = Path(out_dir) if out_dir is not None else None
+    step_offset, lineage, parent = 0, [], None
+    if init_from is not None:
+        try:
+            parent = ckpt.resolve_checkpoint(init_from)
+        except CheckpointError:
+            parent = None  # a label only: nothing to continue
+        if parent is not None:
+            step_offset, lineage = ckpt.parent_lineage(parent)
+            lineage[-1]["checkpoint"] = str(init_from)
     meta = dict(task=task, spec=spec, config=config, preset=preset, command=command,
-                init_from=init_from)
+                init_from=init_from, step_offset=step_offset, lineage=lineage)
 
     if out is not None:
         state = ckpt.read_train_state(out, expect=meta)
@@ -274,8 +287,10 @@ def train(
     snaps = set(config.snapshot_steps)
     t0 = time.perf_counter()
     if out is not None and start == 0:
+        if parent is not None:
+            ckpt.carry_snapshots(parent, out)
         if 0 in snaps:
-            ckpt.save_snapshot(out, 0, model)
+            ckpt.save_snapshot(out, step_offset, model)
         save(0, complete=False)
 
     from tqdm.auto import tqdm
@@ -308,7 +323,7 @@ def train(
             if step % config.log_every == 0:
                 history["loss"].append([step, last_loss])
             if step in snaps and out is not None:
-                ckpt.save_snapshot(out, step, model)
+                ckpt.save_snapshot(out, step_offset + step, model)
             bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
                 eval_record(step, last_loss)
