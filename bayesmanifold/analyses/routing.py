@@ -172,10 +172,11 @@ class RoutingLawCheck:
         mask = _entry_mask(b)
         dims = (0, 2, 3)
         acc = _PerHead(len(b.heads), {"res_s": "max", "max_s": "max", "res_p": "max", "max_p": "max", "rowsum": "max"})
+        u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         for hs, qs, ks in _tiles(alpha, b.valid):
             a, m = alpha[:, hs, qs, ks], mask[:, :, qs, ks]
             g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
-            compat = torch.einsum("bqhd,bkhd->bhqk", u[:, qs, hs], v[:, ks, hs])  # b = u·v, recomputed
+            compat = torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2))  # b = u·v, recomputed
             tmp = torch.sub(g_p, compat).abs_().masked_fill_(~m, 0)
             res_p = tmp.amax(dims)
             torch.abs(g_p, out=tmp).masked_fill_(~m, 0)
@@ -250,32 +251,51 @@ def _rel(res: float, scale: float) -> float:
 # Advantage statistics
 # ---------------------------------------------------------------------------------------------
 
-# Histogram of A on a symmetric log grid: 8 bins per decade of |A| from 1e-12 to 1e4 on each
-# side (|A| outside is clamped into the end bins); bin k of 2·N_MAG: k < N_MAG negative, else positive.
-N_MAG = 130
-_MAG_CENTRES = 10.0 ** ((np.arange(N_MAG) - 97 + 0.5) / 8)
-HIST_BIN_VALUES = np.concatenate([-_MAG_CENTRES[::-1], _MAG_CENTRES])
+# Histogram of A on the float32 grid itself: an entry's bin is its sign, exponent and two leading
+# mantissa bits, i.e. the float32 bit pattern shifted right by 21. A bin spans a factor of at most
+# 1.25 in |A| (< 0.1 decade), every float32 has one (nothing is clamped), and binning costs one
+# integer shift instead of a logarithm. Counts are kept in code order (negative magnitudes first,
+# smallest to largest, then positive ones) and put in ascending order of value by finalize().
+_N_MAG = 1024  # magnitude codes: 8 exponent bits x 4 mantissa quarters
+_NEG_FIRST = np.concatenate([np.arange(_N_MAG - 1, -1, -1), np.arange(_N_MAG, 2 * _N_MAG)])
 
 
-def _log_histogram(adv: Tensor, notmask: Tensor) -> Tensor:
-    """Counts per head ``[head, 2·N_MAG]`` of the unmasked entries of ``adv`` on the log grid."""
+def _magnitude_centres() -> np.ndarray:
+    c = np.arange(_N_MAG)
+    e, m = c >> 2, c & 3
+    with np.errstate(over="ignore"):
+        normal = 2.0 ** (e - 127.0) * np.sqrt((1 + m / 4) * (1 + (m + 1) / 4))  # geometric centre
+    centres = np.where(e == 0, (m + 0.5) / 4 * 2.0**-126, normal)  # subnormals: linear quarters
+    centres[e == 255] = np.inf  # infinities and NaNs
+    return centres
+
+
+#: the value each histogram bin stands for (ascending; 2048 bins, negatives first).
+HIST_BIN_VALUES = np.concatenate([-_magnitude_centres()[::-1], _magnitude_centres()])
+
+
+def _float_histogram(adv: Tensor, notmask: Tensor) -> Tensor:
+    """Counts per head ``[head, 2048]`` of the unmasked entries of ``adv``, in code order."""
     n_h = adv.shape[1]
-    lg = adv.abs().clamp_min_(1e-30).log10_().mul_(8).floor_().clamp_(-97, N_MAG - 98).add_(97)
-    idx = torch.where(adv > 0, lg + N_MAG, (N_MAG - 1) - lg)
-    idx.masked_fill_(notmask, 2 * N_MAG)  # a dump bin for masked entries
-    idx = idx.long() + torch.arange(n_h, device=adv.device)[None, :, None, None] * (2 * N_MAG + 1)
-    counts = torch.bincount(idx.flatten(), minlength=n_h * (2 * N_MAG + 1)).view(n_h, 2 * N_MAG + 1)
-    return counts[:, : 2 * N_MAG]
+    x = adv if adv.dtype == torch.float32 else adv.float()
+    idx = x.view(torch.int32) >> 21  # in [-1024, 1023]: negative floats have the sign bit set
+    idx += _N_MAG
+    idx.masked_fill_(notmask, 2 * _N_MAG)  # a dump bin for masked entries
+    idx += torch.arange(n_h, device=adv.device, dtype=torch.int32)[None, :, None, None] * (2 * _N_MAG + 1)
+    counts = torch.bincount(idx.flatten(), minlength=n_h * (2 * _N_MAG + 1)).view(n_h, 2 * _N_MAG + 1)
+    return counts[:, : 2 * _N_MAG]
 
 
-def _tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20) -> list[tuple[slice, slice, slice]]:
-    """(heads, queries, keys) tiles covering every unmasked entry, about ``budget`` entries each.
+def _tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20, q_blocks: int = 8) -> list[tuple[slice, slice, slice]]:
+    """(heads, queries, keys) tiles covering every unmasked entry, at most about ``budget`` each.
 
-    Query blocks only reach the last key any of their queries may attend to, so the masked upper
-    triangle of a causal pattern is mostly skipped; temporaries stay cache-sized.
+    Queries are cut into ``q_blocks`` blocks (fewer when a block would hold under 16 queries,
+    more when one would exceed the budget), and a block only reaches the last key any of its
+    queries may attend to: under a causal mask the tiles cover (B+1)/(2B) of the square instead of
+    all of it. Heads are grouped to fill the budget, so temporaries stay cache-sized.
     """
     b, n_h, q, k = pattern.shape
-    qb = max(16, min(q, budget // max(b * k, 1)))
+    qb = min(q, max(16, min(-(-q // q_blocks), budget // max(b * k, 1))))
     tiles = []
     for q0 in range(0, q, qb):
         q1 = min(q0 + qb, q)
@@ -285,6 +305,11 @@ def _tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20) -> list[tuple[
         for h0 in range(0, n_h, per):
             tiles.append((slice(h0, min(h0 + per, n_h)), slice(q0, q1), slice(0, k1)))
     return tiles
+
+
+def _f64_rows(x: Tensor) -> Tensor:
+    """Sum of ``[batch, head, query]`` row results over batch and queries, in float64."""
+    return x.sum((0, 2), dtype=torch.float64)
 
 
 class _PerHead:
@@ -334,6 +359,10 @@ class AdvantageResult:
     has A > 0; ``routing_top1_share`` and ``routing_effective_keys``, how concentrated
     |∂L/∂s_i·| is per query (share of the largest entry; exp of its entropy), over queries with a
     non-zero routing gradient.
+
+    ``histograms[(layer, head)]`` counts the unmasked A_ij over the bins whose values are
+    ``bin_values`` (ascending; the float32 grid with four bins per octave, see
+    :data:`HIST_BIN_VALUES`); :meth:`quantile` reads them.
     """
 
     rows: list[dict[str, Any]]
@@ -346,13 +375,18 @@ class AdvantageResult:
         return pd.DataFrame(self.rows)
 
     def quantile(self, layer: int, head: int, q: float) -> float:
-        """Approximate quantile of A for one head from its log-grid histogram (a bin's centre)."""
+        """Approximate quantile of A for one head from its histogram: the centre of the bin that
+        holds it, within a factor 1.25 of the exact value (bins of the float32 grid)."""
         if not 0 <= q <= 1:
             raise InputError(f"quantile q must lie in [0, 1], got {q}")
-        hist = self.histograms[(layer, head)]
-        cdf = np.cumsum(hist) / max(hist.sum(), 1)
-        i = min(int(np.searchsorted(cdf, q)), len(hist) - 1)
-        return float(self.bin_values[i])
+        if (layer, head) not in self.histograms:
+            raise InputError(f"no histogram for layer {layer}, head {head}: the heads captured are "
+                             f"{sorted(self.histograms)} (histograms need AdvantageStats(histogram=True))")
+        cum = np.cumsum(self.histograms[(layer, head)])
+        if cum[-1] == 0:
+            raise InputError(f"layer {layer}, head {head} saw no unmasked entries; no quantile")
+        rank = max(1, math.ceil(q * cum[-1]))  # the rank-th smallest entry, 1-based
+        return float(self.bin_values[int(np.searchsorted(cum, rank))])
 
     def plot(self, ax=None):
         """Attention mass on positive-advantage keys, per layer and head (a heat map)."""
@@ -395,46 +429,53 @@ class AdvantageStats:
                  "sum_alpha_abs_adv": "sum", "n_argmax_positive": "sum", "n_routing_queries": "sum",
                  "sum_top1_share": "sum", "sum_effective_keys": "sum"}
         acc = _PerHead(n_h, kinds)
-        hist = torch.zeros(n_h, 2 * N_MAG, dtype=torch.float64)
+        hist = torch.zeros(n_h, 2 * _N_MAG, dtype=torch.float64)
         for hs, qs, ks in _tiles(b.pattern, b.valid):
             a, gp, nm = b.pattern[:, hs, qs, ks], b.grad_pattern[:, hs, qs, ks], notmask[:, :, qs, ks]
             q_v, q_vb = qv[:, :, qs], qvb[:, :, qs]
             adv = torch.mul(a, gp)
             bbar = adv.sum(-1, keepdim=True)
             torch.sub(bbar, gp, out=adv).masked_fill_(nm, 0)  # A on valid entries, 0 elsewhere
-            pos = adv > 0
+            # float indicators and products rather than boolean masks and torch.where, which are
+            # several times slower on CPU: pos = 1.0 where A > 0, else 0.0
+            pos = torch.sign(adv).clamp_(min=0)
+            wp = torch.mul(a, pos)  # attention on positive-advantage keys
             aa = torch.mul(a, adv)
             alpha_adv = aa.sum(-1)
+            # Per-row reductions first, in the tensors' dtype; only the [batch, head, query] row
+            # results are summed in float64 (converting whole tiles would cost a copy each).
             # Σ_j α_ij A_ij = 0 on every valid row, so A takes both signs there: the zeros at masked
             # entries cannot change the min or the max.
             vals = dict(
-                n_positive=pos.sum(dims),
-                sum_adv=adv.sum(dims, dtype=torch.float64),
-                sum_adv_sq=torch.linalg.vector_norm(adv, dim=dims, dtype=torch.float64) ** 2,
+                n_positive=_f64_rows(pos.sum(-1)),
+                sum_adv=_f64_rows(adv.sum(-1)),
+                sum_adv_sq=_f64_rows(torch.linalg.vector_norm(adv, dim=-1).square_()),
                 min_adv=adv.amin(dims),
                 max_adv=adv.amax(dims),
-                sum_mass_positive=(torch.where(pos, a, 0).sum(-1) * q_v).sum((0, 2), dtype=torch.float64),
-                n_argmax_positive=(pos.gather(-1, a.argmax(-1, keepdim=True)).squeeze(-1) & q_vb).sum((0, 2)),
-                sum_alpha_adv=(alpha_adv * q_v).sum((0, 2), dtype=torch.float64),
-                sum_abs_alpha_adv=(alpha_adv.abs() * q_v).sum((0, 2), dtype=torch.float64),
-                sum_alpha_abs_adv=(aa.abs_().sum(-1) * q_v).sum((0, 2), dtype=torch.float64),
+                sum_mass_positive=_f64_rows(wp.sum(-1) * q_v),
+                # a most-attended key of the row has A > 0 (any of them, under exact ties)
+                n_argmax_positive=(((wmax := wp.amax(-1)) >= a.amax(-1)) & (wmax > 0) & q_vb).sum((0, 2)),
+                sum_alpha_adv=_f64_rows(alpha_adv * q_v),
+                sum_abs_alpha_adv=_f64_rows(alpha_adv.abs() * q_v),
+                sum_alpha_abs_adv=_f64_rows(aa.abs_().sum(-1) * q_v),
             )
             if self.histogram:
-                hist[hs] += _log_histogram(adv, nm).cpu().double()
-            del aa, pos
+                hist[hs] += _float_histogram(adv, nm).cpu().double()
+            del pos, wp
             g = torch.abs(b.grad_scores[:, hs, qs, ks], out=adv)
             tot = g.sum(-1)
             live = (tot > 0) & q_vb
             safe = torch.where(tot > 0, tot, 1)
-            # entropy of p = g / tot: log tot − Σ g log g / tot
-            ent = safe.log() + torch.special.entr(g).sum(-1) / safe
+            # entropy of p = g / tot: log tot − Σ g log g / tot (g = 0 adds 0: log of a clamped g)
+            glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=aa).log_().mul_(g).sum(-1)
+            ent = safe.log() - glogg / safe
             vals.update(
                 n_routing_queries=live.sum((0, 2)),
-                sum_top1_share=torch.where(live, g.amax(-1) / safe, 0).sum((0, 2), dtype=torch.float64),
-                sum_effective_keys=torch.where(live, ent.exp(), 0).sum((0, 2), dtype=torch.float64),
+                sum_top1_share=_f64_rows(torch.where(live, g.amax(-1) / safe, 0)),
+                sum_effective_keys=_f64_rows(torch.where(live, ent.exp(), 0)),
             )
             acc.add(hs, **vals)
-            del adv, g
+            del adv, aa, g
         cat = acc.v
         self.stats.add(
             b.layer,
@@ -481,7 +522,8 @@ class AdvantageStats:
                 }
             )
             if layer in self.hist:
-                hists[(layer, head)] = self.hist[layer][self.stats.heads[layer].index(head)].numpy()
+                h = self.hist[layer][self.stats.heads[layer].index(head)].numpy()
+                hists[(layer, head)] = h[_NEG_FIRST]
         return AdvantageResult(rows=rows, histograms=hists, bin_values=HIST_BIN_VALUES)
 
 

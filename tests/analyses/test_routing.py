@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model
+
 
 from bayesmanifold.analyses.routing import (
     AdvantageStats,
@@ -45,6 +47,7 @@ def _slow_advantage_stats(model, tokens, layer, head):
         "mass_positive": sum(mass_pos) / len(mass_pos),
         "routing_top1_share": sum(top1) / len(top1),
         "n_entries": n,
+        "advs": advs,
     }
 
 
@@ -57,12 +60,43 @@ def test_advantage_stats_match_slow_loop(gen):
         ref = _slow_advantage_stats(model, tokens, layer, head)
         row = df.loc[(layer, head)]
         for k, v in ref.items():
+            if k == "advs":
+                continue
             assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert df["alpha_weighted_adv"].abs().max() < 1e-12  # Σ_j α_ij A_ij = 0 by construction
     assert (df["routing_top1_share"] <= 1).all() and (df["routing_effective_keys"] >= 1).all()
 
 
-def test_merge_equals_one_pass(gen):
+def test_histogram_bins_and_quantiles(gen):
+    from bayesmanifold.analyses.routing import HIST_BIN_VALUES, _float_histogram, _NEG_FIRST
+
+    vals = torch.tensor([1.0, 1.2, 1.3, -3.0, 1e-20, -2e8, 0.0, 7.0], dtype=torch.float64)
+    h = _float_histogram(vals.view(1, 1, 1, -1), torch.zeros(1, 1, 1, 8, dtype=torch.bool))
+    h = h[0].numpy()[_NEG_FIRST]
+    fin = np.isfinite(HIST_BIN_VALUES)
+    assert h.sum() == 8 and np.all(np.diff(HIST_BIN_VALUES[fin]) > 0) and fin.sum() == 2048 - 2 * 4
+    assert np.all(HIST_BIN_VALUES[:4] == -np.inf) and np.all(HIST_BIN_VALUES[-4:] == np.inf)
+    centres = HIST_BIN_VALUES[np.repeat(np.arange(h.size), h)]
+    for x, c in zip(sorted(vals.tolist()), centres):  # each value sits in the bin of its centre
+        assert (x == 0 and abs(c) < 1e-38) or (x * c > 0 and 0.8 < abs(c / x) < 1.25), (x, c)
+    assert centres[4] == centres[5] != centres[6]  # 1.0 and 1.2 share [1, 1.25); 1.3 does not
+    assert centres[2] != centres[3]  # 0 and 1e-20 are told apart
+
+
+def test_quantiles_from_histogram_match_exact(gen):
+    model = make_model(dtype=torch.float64)
+    tokens = torch.randint(0, 50, (2, 9), generator=gen)
+    _, res = verify_routing_law(model, tokens)
+    exact = sorted(_slow_advantage_stats(model, tokens, 1, 2)["advs"])
+    n = len(exact)
+    assert res.histograms[(1, 2)].sum() == n
+    for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+        x = exact[max(1, math.ceil(q * n)) - 1]  # the rank-ceil(q·n) entry
+        got = res.quantile(1, 2, q)
+        assert x * got > 0 and 0.8 < got / x < 1.25 or (abs(x) < 1e-30 and abs(got) < 1e-30), (q, x, got)
+    with pytest.raises(InputError):
+        res.quantile(1, 2, 1.5)
+
     model = make_model(dtype=torch.float64)
     batches = [torch.randint(0, 50, (2, 9), generator=gen) for _ in range(3)]
     one_check, one_adv = RoutingLawCheck(), AdvantageStats()
