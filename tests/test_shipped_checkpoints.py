@@ -15,7 +15,7 @@ from bayesmanifold.analyses.calibration import measure_calibration
 from bayesmanifold.models import list_shipped, load_checkpoint
 from bayesmanifold.models.checkpoint import list_snapshots, load_snapshot, shipped_dir
 
-EXPECTED = ["bijection-v20", "bijection-v20-lstm", "bijection-v20-mlp",
+EXPECTED = ["bijection-v20", "bijection-v20-base", "bijection-v20-lstm", "bijection-v20-mlp",
             "hmm-k20", "hmm-k20-lstm", "hmm-k20-mlp"]
 SHIPPED = [row["name"] for row in list_shipped()]
 
@@ -41,12 +41,21 @@ def test_recorded_calibration_holds(name):
 
 
 def test_bijection_snapshots_replay():
+    """bijection-v20 holds the snapshots of its whole two-stage training, by cumulative step."""
     snaps = list_snapshots("bijection-v20")
-    assert 12 <= len(snaps) <= 16 and snaps[0][0] == 0
-    first = load_snapshot("bijection-v20", snaps[0][0])
-    last = load_snapshot("bijection-v20", snaps[-1][0])
-    model, task, _, _ = load_checkpoint("bijection-v20")
-    a = measure_calibration(first, task, n_seqs=64, generator=0).entropy_mae_bits
-    b = measure_calibration(last, task, n_seqs=64, generator=0).entropy_mae_bits
-    c = measure_calibration(model, task, n_seqs=64, generator=0).entropy_mae_bits
-    assert b < a and b == pytest.approx(c, abs=0.01)  # the last snapshot is the final model (fp16)
+    _, task, config, _ = load_checkpoint("bijection-v20")
+    base = config["lineage"][0]
+    assert base["checkpoint"] == "bijection-v20-base" and config["step_offset"] == base["steps"]
+    steps = [s for s, _ in snaps]
+    assert steps[0] == 0 and base["steps"] in steps and steps[-1] == config["step_offset"] + config["step"]
+    assert not list_snapshots("bijection-v20-base")  # its snapshots live on in bijection-v20
+    first = load_snapshot("bijection-v20", steps[0])
+    mid = load_snapshot("bijection-v20", base["steps"])
+    last = load_snapshot("bijection-v20", steps[-1])
+    model, _, _, _ = load_checkpoint("bijection-v20")
+    base_model, _, _, _ = load_checkpoint("bijection-v20-base")
+    a, m, b, c, d = (measure_calibration(x, task, n_seqs=64, generator=0).entropy_mae_bits
+                     for x in (first, mid, last, model, base_model))
+    assert b < m < a
+    assert b == pytest.approx(c, abs=0.01)  # the last snapshot is the final model (fp16)
+    assert m == pytest.approx(d, abs=0.01)  # the stage boundary is bijection-v20-base

@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "hmm-paper": {"n_layers": 9, "n_heads": 8, "d_model": 256},
     "bijection-cpu": {"n_layers": 2, "n_heads": 4, "d_model": 64},
     "hmm-cpu": {"n_layers": 3, "n_heads": 4, "d_model": 64},
+    "hmm-cpu-wide": {"n_layers": 3, "n_heads": 4, "d_model": 128},
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
 }
