@@ -71,7 +71,7 @@ def test_histogram_bins_and_quantiles(gen):
     from bayesmanifold.analyses.routing import HIST_BIN_VALUES, _float_histogram, _NEG_FIRST
 
     vals = torch.tensor([1.0, 1.2, 1.3, -3.0, 1e-20, -2e8, 0.0, 7.0], dtype=torch.float64)
-    h = _float_histogram(vals.view(1, 1, 1, -1), torch.zeros(1, 1, 1, 8, dtype=torch.bool))
+    h = _float_histogram(torch.cat([vals, torch.zeros(3, dtype=vals.dtype)]).view(1, 1, 1, -1), 3)
     h = h[0].numpy()[_NEG_FIRST]
     fin = np.isfinite(HIST_BIN_VALUES)
     assert h.sum() == 8 and np.all(np.diff(HIST_BIN_VALUES[fin]) > 0) and fin.sum() == 2048 - 2 * 4
