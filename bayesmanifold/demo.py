@@ -75,6 +75,7 @@ def build_report(
     args = argparse.Namespace(
         target=target, task=task, prompts=prompts, device=device, dtype="float32", seed=seed,
         n_seqs=128 if quick else 256, features=None, max_snapshots=8 if quick else 40, no_dynamics=False,
+        dynamics_range="first-stage",
     )
     stages: list[tuple[str, Callable[[], None]]] = []
     rep = Report(f"bayesmanifold report: {target}", "")

@@ -645,6 +645,7 @@ def replay(
     monitor: DynamicsMonitor | None = None,
     *,
     max_snapshots: int | None = None,
+    max_step: int | None = None,
     **monitor_kwargs: Any,
 ) -> DynamicsResult:
     """Load each weight snapshot into a copy of ``model`` and feed it to a monitor.
@@ -656,9 +657,16 @@ def replay(
         monitor: the monitor to feed; else one is built from ``monitor_kwargs`` (needs
             ``probe_tokens``).
         max_snapshots: use at most this many, evenly spaced (first and last kept).
+        max_step: only snapshots up to this step (e.g. the end of a multi-stage run's first,
+            from-scratch stage: a warm start with a fresh optimiser restarts the drifts).
     """
     _hook_model_check(model)
     snaps = _snapshot_list(snapshots)
+    if max_step is not None:
+        kept = [(st, f) for st, f in snaps if st <= max_step]
+        if not kept:
+            raise InputError(f"no snapshot at or before step {max_step}; the first is at step {snaps[0][0]}")
+        snaps = kept
     if max_snapshots is not None and len(snaps) > max_snapshots:
         idx = np.unique(np.linspace(0, len(snaps) - 1, int(max_snapshots)).round().astype(int))
         snaps = [snaps[i] for i in idx]

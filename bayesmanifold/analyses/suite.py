@@ -174,8 +174,11 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
                 return float(measure_calibration(mod, task, n_seqs=256, generator=int(args.seed) + 2).entropy_mae_bits)
 
             mon = dyn.DynamicsMonitor(probe, every=1, query_positions=pm, key_token_ids=task.answer_tokens.tolist(), calibration_fn=cal)
-            d = dyn.replay(ckpt_dir, model, mon, max_snapshots=args.max_snapshots)
-            source = f"replay of {len(d.steps)} snapshots"
+            from ..models.checkpoint import read_config
+
+            max_step, which = _replay_range(read_config(ckpt_dir), getattr(args, "dynamics_range", "first-stage"))
+            d = dyn.replay(ckpt_dir, model, mon, max_snapshots=args.max_snapshots, max_step=max_step)
+            source = f"replay of {len(d.steps)} snapshots, steps {d.steps[0]}–{d.steps[-1]}{which}"
         if d is not None:
             _save_fig(d, out, "dynamics", figs)
             res["frame_stabilization_step"] = d.frame_stabilization_step
@@ -191,6 +194,18 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
     if evals:
         res["final_entropy_mae_bits"] = evals[-1].get("entropy_mae_bits")
     return res
+
+
+def _replay_range(cfg: dict, how: str) -> tuple[int | None, str]:
+    """(last step to replay, description) for a checkpoint's recorded training lineage."""
+    if how not in ("first-stage", "all"):
+        raise InputError(f"dynamics range must be 'first-stage' or 'all'; got {how!r}")
+    lineage = cfg.get("lineage") or []
+    if how == "all" or not lineage:
+        return None, ""
+    first = lineage[0]
+    end = int(first.get("step_offset", 0)) + int(first["steps"])
+    return end, f" (the from-scratch stage, 1 of {len(lineage) + 1}; 'all' replays every stage)"
 
 
 def text_suite(model: Any, args: argparse.Namespace, out: Path | None, figs: list[str]) -> dict:

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="representation for the value manifold (default: residual stream on wind tunnels, as Paper I's scripts; values_concat on prompts, as Paper III)")
     p.add_argument("--max-snapshots", type=int, default=40, help="replay at most this many weight snapshots (default 40)")
     p.add_argument("--no-dynamics", action="store_true", help="skip the training-dynamics replay")
+    p.add_argument("--dynamics-range", choices=["first-stage", "all"], default="first-stage",
+                   help="for a checkpoint trained in stages (warm starts): replay the snapshots of the "
+                   "first, from-scratch stage (default) or of every stage")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,6 +52,22 @@ def test_analyze_checkpoint_with_snapshots(tmp_path):
     assert data["dynamics_source"].startswith("replay")
     assert set(data["specialization"]) == {"L0H0", "L0H1"}
 
+    # a warm-started second stage: by default only the from-scratch stage is replayed
+    cfg2 = TrainConfig(steps=10, eval_every=10, n_eval=16, progress=False, snapshot_steps=(5, 10),
+                       batch_size=16, loss="soft")
+    from bayesmanifold.models import load_checkpoint
+
+    m, _, _, _ = load_checkpoint(tmp_path / "ck")
+    train(task, preset_spec("tiny", task), cfg2, model=m.train(), out_dir=tmp_path / "ck2",
+          init_from=str(tmp_path / "ck"))
+    first, every = tmp_path / "d1.json", tmp_path / "d2.json"
+    assert main(["analyze", str(tmp_path / "ck2"), "--n-seqs", "16", "--json", str(first)]) == 0
+    assert main(["analyze", str(tmp_path / "ck2"), "--n-seqs", "16", "--json", str(every),
+                 "--dynamics-range", "all"]) == 0
+    d1, d2 = json.loads(first.read_text()), json.loads(every.read_text())
+    assert d1["dynamics"]["n_checkpoints"] == 7 and "steps 0–40 (the from-scratch stage, 1 of 2" in d1["dynamics_source"]
+    assert d2["dynamics"]["n_checkpoints"] == 9 and "steps 0–50" in d2["dynamics_source"]
+
 
 def test_analyze_errors(tmp_path, capsys):
     assert main(["analyze", "toy", "--prompts", str(tmp_path / "nope.txt")]) == 2

@@ -93,6 +93,11 @@ def test_monitor_on_tiny_training_run_and_replay(gen, tmp_path):
     mon2 = DynamicsMonitor(probe, every=5, key_token_ids=range(10))
     rep = replay(tmp_path, make_model(dtype=torch.float32, d_vocab=20, n_ctx=12), mon2)
     assert list(rep.steps) == list(res.steps)
+    early = replay(tmp_path, make_model(dtype=torch.float32, d_vocab=20, n_ctx=12),
+                   DynamicsMonitor(probe, every=5, key_token_ids=range(10)), max_step=17)
+    assert list(early.steps) == [0, 5, 10, 15]
+    with pytest.raises(InputError, match="no snapshot at or before step -1"):
+        replay(tmp_path, make_model(dtype=torch.float32, d_vocab=20, n_ctx=12), mon2, max_step=-1)
     np.testing.assert_allclose(rep.attention_drift[1:], res.attention_drift[1:], rtol=0.05, atol=1e-5)
     np.testing.assert_allclose(rep.value_drift[1:], res.value_drift[1:], rtol=0.05, atol=1e-4)
     import matplotlib
