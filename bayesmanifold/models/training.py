@@ -287,11 +287,11 @@ def train(
     snaps = set(config.snapshot_steps)
     t0 = time.perf_counter()
     if out is not None and start == 0:
+        save(0, complete=False)  # first, so that a run killed while copying below resumes
         if parent is not None:
-            ckpt.carry_snapshots(parent, out)
+            ckpt.carry_snapshots(parent, out)  # skips the files already there
         if 0 in snaps:
             ckpt.save_snapshot(out, step_offset, model)
-        save(0, complete=False)
 
     from tqdm.auto import tqdm
 
