@@ -40,6 +40,19 @@ def _double(model: Any) -> Any:
     return m.to(torch.float64)
 
 
+def _trained_by(cfg: dict) -> str:
+    """How a checkpoint was trained: its command, and its earlier stages if it was warm-started."""
+    if not cfg.get("command"):
+        return ""
+    stages = cfg.get("lineage") or []
+    if not stages:
+        return f"; trained by: {cfg['command']}"
+    total = int(cfg.get("step_offset", 0)) + int(cfg.get("step", 0))
+    earlier = "; ".join(f"{st.get('command')}" for st in stages)
+    return (f"; trained in {len(stages) + 1} stages, {total:,} steps in all: {earlier}; then "
+            f"{cfg['command']}")
+
+
 def build_report(
     target: str = "bijection-v20",
     *,
@@ -95,7 +108,7 @@ def build_report(
         rep.subtitle = (
             f"{model.cfg.n_layers} layers × {model.cfg.n_heads} heads, d_model {model.cfg.d_model}"
             + (f"; task {tk.NAME}" if tk is not None else "")
-            + (f"; trained by: {cfg.get('command')}" if cfg.get("command") else "")
+            + _trained_by(cfg)
         )
 
     def laws() -> None:
