@@ -174,6 +174,23 @@ class HMMTask(WindTunnel):
         E = e / e.sum(-1, keepdim=True)
         return discretise_rows(T), discretise_rows(E)
 
+    def emission_only_posterior(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch K S"]:
+        """A baseline filter that ignores T: p(s_t | o_t) ∝ E[s_t, o_t], read from the tokens.
+
+        It equals the exact posterior at the first observation (uniform initial law) and shows, by
+        its KL to the exact posterior at later ones, how much the transitions matter.
+        """
+        S, O = self.S, self.O  # noqa: E741
+        if tokens.ndim != 2 or tokens.shape[1] < self.seq_len:
+            raise TaskError(f"tokens must be [batch, >= {self.seq_len}] sequences of this task; got {tuple(tokens.shape)}")
+        start = 2 + S * S
+        E = (tokens[:, start : start + S * O].to(torch.float64) + _FLOOR).view(-1, S, O) / 100
+        obs = tokens[:, self.positions] - SYMBOL0
+        if (obs < 0).any() or (obs >= O).any():
+            raise TaskError("tokens hold no observation symbols at the scored positions; not this task's sequences")
+        em = E.transpose(1, 2)[torch.arange(E.shape[0])[:, None], obs]  # [B, K, S]
+        return em / em.sum(-1, keepdim=True)
+
     def sample(self, batch_size: int, generator: "int | torch.Generator") -> TaskBatch:
         """Sample ``batch_size`` HMMs and observation sequences with filtering posteriors.
 

@@ -108,3 +108,20 @@ def test_impossible_parameters(kwargs):
 def test_empty_batch():
     with pytest.raises(TaskError, match="batch_size"):
         HMMTask().sample(0, generator=0)
+
+
+def test_emission_only_baseline():
+    task = HMMTask(K=6)
+    b = task.sample(64, generator=3)
+    em = task.emission_only_posterior(b.tokens)
+    assert em.shape == b.posterior.shape
+    torch.testing.assert_close(em[:, 0], b.posterior[:, 0])  # uniform initial law: only E matters
+    assert (em[:, 1:] - b.posterior[:, 1:]).abs().max() > 0.05  # later, the transitions matter
+    # by hand for one sequence: E[s, o_t] normalised over s
+    E = (b.tokens[0, 27:52].double() + 5).view(5, 5) / 100
+    o = b.tokens[0, task.positions] - 100
+    torch.testing.assert_close(em[0], (E[:, o].T / E[:, o].T.sum(-1, keepdim=True)))
+    with pytest.raises(TaskError):
+        task.emission_only_posterior(b.tokens[:, :10])
+    with pytest.raises(TaskError):
+        task.emission_only_posterior(torch.zeros_like(b.tokens))
