@@ -49,7 +49,10 @@ def test_train_hmm_lstm_and_bad_input(tmp_path, capsys):
     out = tmp_path / "hmm"
     assert main(["train", "hmm", "--param", "K=4", "--arch", "lstm", "--preset", "tiny",
                  "--steps", "3", "--n-eval", "8", "--no-progress", "--out", str(out)]) == 0
-    assert main(["calibrate", str(out), "--k", "6", "--n-seqs", "8"]) == 0
+    js = tmp_path / "hmm.json"
+    assert main(["calibrate", str(out), "--k", "6", "--n-seqs", "8", "--json", str(js)]) == 0
+    refs = json.loads(js.read_text())["window_filter_kl_bits"]
+    assert list(refs) == ["1", "2", "3"] and refs["1"] > refs["2"] > refs["3"] > 0
     assert main(["calibrate", str(out), "--k", "500"]) == 2  # beyond n_ctx
     assert main(["train", "bijection", "--param", "L=30", "--steps", "2", "--out",
                  str(tmp_path / "x")]) == 2  # L > V without replacement

@@ -174,22 +174,32 @@ class HMMTask(WindTunnel):
         E = e / e.sum(-1, keepdim=True)
         return discretise_rows(T), discretise_rows(E)
 
-    def emission_only_posterior(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch K S"]:
-        """A baseline filter that ignores T: p(s_t | o_t) ∝ E[s_t, o_t], read from the tokens.
-
-        It equals the exact posterior at the first observation (uniform initial law) and shows, by
-        its KL to the exact posterior at later ones, how much the transitions matter.
-        """
+    def decode(self, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(T, E, obs)`` read back from this task's token sequences (T, E as float64 rows)."""
         S, O = self.S, self.O  # noqa: E741
         if tokens.ndim != 2 or tokens.shape[1] < self.seq_len:
             raise TaskError(f"tokens must be [batch, >= {self.seq_len}] sequences of this task; got {tuple(tokens.shape)}")
+        T = (tokens[:, 1 : 1 + S * S].to(torch.float64) + _FLOOR).view(-1, S, S) / 100
         start = 2 + S * S
         E = (tokens[:, start : start + S * O].to(torch.float64) + _FLOOR).view(-1, S, O) / 100
         obs = tokens[:, self.positions] - SYMBOL0
-        if (obs < 0).any() or (obs >= O).any():
-            raise TaskError("tokens hold no observation symbols at the scored positions; not this task's sequences")
-        em = E.transpose(1, 2)[torch.arange(E.shape[0])[:, None], obs]  # [B, K, S]
-        return em / em.sum(-1, keepdim=True)
+        if (obs < 0).any() or (obs >= O).any() or (T <= 0).any() or (E <= 0).any():
+            raise TaskError("tokens do not hold this task's parameters and observations; not its sequences")
+        return T, E, obs
+
+    def window_posterior(self, tokens: Int[Tensor, "batch pos"], window: int = 1) -> Float[Tensor, "batch K S"]:
+        """A finite-memory baseline: the exact filter on only the last ``window`` observations.
+
+        At each observation t the forward algorithm restarts from the uniform law at
+        t − window + 1. ``window=1`` ignores T (p(s_t | o_t) ∝ E[s_t, o_t]); the gap between the
+        windows' KL to the exact posterior and a model's says how much history the model uses.
+        """
+        _check_int("window", window, 1)
+        T, E, obs = self.decode(tokens)
+        out = torch.empty(obs.shape[0], self.K, self.S, dtype=torch.float64)
+        for t in range(self.K):
+            out[:, t] = forward_filter(T, E, obs[:, max(0, t - window + 1) : t + 1])[:, -1]
+        return out
 
     def sample(self, batch_size: int, generator: "int | torch.Generator") -> TaskBatch:
         """Sample ``batch_size`` HMMs and observation sequences with filtering posteriors.

@@ -110,18 +110,26 @@ def test_empty_batch():
         HMMTask().sample(0, generator=0)
 
 
-def test_emission_only_baseline():
+def test_window_filter_baselines():
     task = HMMTask(K=6)
     b = task.sample(64, generator=3)
-    em = task.emission_only_posterior(b.tokens)
+    em = task.window_posterior(b.tokens, 1)
     assert em.shape == b.posterior.shape
     torch.testing.assert_close(em[:, 0], b.posterior[:, 0])  # uniform initial law: only E matters
     assert (em[:, 1:] - b.posterior[:, 1:]).abs().max() > 0.05  # later, the transitions matter
-    # by hand for one sequence: E[s, o_t] normalised over s
-    E = (b.tokens[0, 27:52].double() + 5).view(5, 5) / 100
-    o = b.tokens[0, task.positions] - 100
-    torch.testing.assert_close(em[0], (E[:, o].T / E[:, o].T.sum(-1, keepdim=True)))
+    # window 1 by hand for one sequence: E[s, o_t] normalised over s
+    T, E, obs = decode(b.tokens[0], 5, 5)
+    E_o = E[:, obs].T
+    torch.testing.assert_close(em[0], E_o / E_o.sum(-1, keepdim=True))
+    # window 2 by hand at t = 3: uniform at t = 2, one transition, two emissions
+    f = E[:, obs[2]] / E[:, obs[2]].sum()
+    f = (f @ T) * E[:, obs[3]]
+    torch.testing.assert_close(task.window_posterior(b.tokens, 2)[0, 3], f / f.sum())
+    # a window as long as the sequence is the exact filter
+    torch.testing.assert_close(task.window_posterior(b.tokens, 6), b.posterior)
     with pytest.raises(TaskError):
-        task.emission_only_posterior(b.tokens[:, :10])
+        task.window_posterior(b.tokens[:, :10])
     with pytest.raises(TaskError):
-        task.emission_only_posterior(torch.zeros_like(b.tokens))
+        task.window_posterior(torch.zeros_like(b.tokens))
+    with pytest.raises(TaskError):
+        task.window_posterior(b.tokens, 0)
