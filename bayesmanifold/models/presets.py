@@ -37,6 +37,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "bijection-cpu": {"n_layers": 2, "n_heads": 4, "d_model": 64},
     "hmm-cpu": {"n_layers": 3, "n_heads": 4, "d_model": 64},
     "hmm-cpu-wide": {"n_layers": 3, "n_heads": 4, "d_model": 128},
+    "hmm-cpu-deep": {"n_layers": 6, "n_heads": 4, "d_model": 64},
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
 }
