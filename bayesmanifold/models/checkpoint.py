@@ -304,7 +304,7 @@ def carry_snapshots(src: "str | Path", out_dir: "str | Path") -> int:
     Each file is copied to a temporary name and renamed. Returns the number copied.
     """
     n = 0
-    for step, f in list_snapshots(src):
+    for _, f in list_snapshots(src):
         dest = Path(out_dir) / SNAPSHOTS / f.name
         if dest.exists():
             continue
