@@ -674,8 +674,9 @@ def replay(
         if "probe_tokens" not in monitor_kwargs:
             raise InputError("replay needs a monitor or probe_tokens=... to build one")
         monitor = DynamicsMonitor(**monitor_kwargs)
+    from ..models.checkpoint import load_fitting_state_dict
+
     work = copy.deepcopy(model)
-    params = dict(work.state_dict())
     for step, path in snaps:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -683,19 +684,7 @@ def replay(
             raise CheckpointError(f"could not load snapshot {str(path)!r}: {type(exc).__name__}: {exc}") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise CheckpointError(f"snapshot {str(path)!r} does not hold a state_dict")
-        missing = [k for k in dict(work.named_parameters()) if k not in sd]
-        if missing:
-            raise CheckpointError(f"snapshot {str(path)!r} lacks parameters {missing[:3]}{'…' if len(missing) > 3 else ''}")
-        wrong = [k for k, p in work.named_parameters() if tuple(sd[k].shape) != tuple(p.shape)]
-        if wrong:
-            raise CheckpointError(f"snapshot {str(path)!r} has parameters of other shapes: {wrong[:3]}")
-        # Buffers such as TransformerLens's causal mask differ between versions (3.x stores an
-        # empty one): load a stored tensor only where its shape fits the model's.
-        cast = {k: v.to(params[k].dtype) for k, v in sd.items()
-                if k in params and torch.is_tensor(v) and tuple(v.shape) == tuple(params[k].shape)}
-        work.load_state_dict(cast, strict=False)
+        load_fitting_state_dict(work, sd, f"snapshot {str(path)!r}")
         monitor.record(work, step)
     del work
     return monitor.result()

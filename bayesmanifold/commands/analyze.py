@@ -17,7 +17,7 @@ import torch
 from ..analyses.suite import load_target, text_suite, windtunnel_suite
 from ..errors import InputError
 from ..io import ensure_dir
-from .common import add_device_arg, add_json_arg, format_table, write_json
+from .common import add_device_arg, add_json_arg, add_target_args, format_table, write_json
 
 NAME = "analyze"
 HELP = "measure key orthogonality, value manifolds, attention focusing, specialization and training dynamics"
@@ -25,9 +25,7 @@ EXAMPLE = "bayesmanifold analyze bijection-v20 --out figures/ --json analyze.jso
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
-    p.add_argument("--task", metavar="NAME", help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
-    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line: run Paper III's protocol at each final token")
+    add_target_args(p)
     p.add_argument("--out", metavar="DIR", help="write figures (PNG) to DIR")
     add_json_arg(p)
     add_device_arg(p)

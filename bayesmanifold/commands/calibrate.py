@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..analyses.calibration import logit_lens_kl, measure_calibration
+    from ..analyses.calibration import calibration_from_probs, logit_lens_kl, measure_calibration
     from ..models.checkpoint import load_checkpoint
     from .windtunnel_args import resolve_device
 
@@ -68,12 +68,11 @@ def run(args) -> int:
     if task.NAME == "hmm":
         # references: exact filters that see only the last w observations (w = 1 ignores T)
         b = task.sample(min(args.n_seqs, 1000), generator=args.seed)
-        p = b.posterior
-        out["window_filter_kl_bits"] = {}
-        for w in (1, 2, 3):
-            q = task.window_posterior(b.tokens, w)
-            kl = (p * (p.clamp_min(1e-300).log2() - q.clamp_min(1e-300).log2())).sum(-1).mean(0)
-            out["window_filter_kl_bits"][str(w)] = float(kl.mean())
+        out["window_filter_kl_bits"] = {
+            str(w): calibration_from_probs(task.window_posterior(b.tokens, w).clamp_min(1e-300).log(),
+                                           b.posterior).mean_kl_bits
+            for w in (1, 2, 3)
+        }
     if args.logit_lens:
         if cfg["arch"] != "transformer":
             raise ConfigError("--logit-lens needs a transformer checkpoint")

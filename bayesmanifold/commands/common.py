@@ -15,6 +15,13 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """The model to study, and for a non-checkpoint its wind tunnel or prompts (analyze, report)."""
+    p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
+    p.add_argument("--task", metavar="NAME", help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
+    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line: run Paper III's protocol at each final token")
+
+
 def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH (atomically)")
 

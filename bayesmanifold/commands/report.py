@@ -3,6 +3,7 @@
 import argparse
 
 from ..demo import build_report, summary_lines
+from .common import add_target_args
 
 NAME = "report"
 HELP = "test the papers' claims on a checkpoint or model and write a self-contained HTML report"
@@ -20,9 +21,7 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
-    p.add_argument("--task", metavar="NAME", help="wind tunnel for a model that is not a checkpoint")
-    p.add_argument("--prompts", metavar="FILE", help="prompts file (one per line) for Paper III's protocol")
+    add_target_args(p)
     p.add_argument("--em-vs-sgd", action="store_true", help="also run Paper II's EM-like vs SGD experiment")
     add_report_options(p)
 

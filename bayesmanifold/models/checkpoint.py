@@ -45,6 +45,7 @@ __all__ = [
     "list_shipped",
     "save_snapshot",
     "list_snapshots",
+    "load_fitting_state_dict",
     "parent_lineage",
     "carry_snapshots",
     "load_snapshot",
@@ -233,22 +234,30 @@ def _load_weights(model: nn.Module, file: Path) -> None:
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read weights {str(file)!r}: {exc}") from None
+    load_fitting_state_dict(model, sd, f"weights {str(file)!r}")
+
+
+def load_fitting_state_dict(model: nn.Module, sd: Any, where: str) -> None:
+    """Load the state dict ``sd`` (read from ``where``) into ``model``, in the model's dtypes.
+
+    Every parameter must be present with the model's shape, else :class:`CheckpointError`.
+    Buffers (TransformerLens's causal masks, IGNORE) are derived from the config and differ
+    between TransformerLens versions (3.x stores an empty mask): the model keeps its own unless
+    the stored one has the same shape.
+    """
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} is not a state dict")
     ref = model.state_dict()
     params = {k for k, _ in model.named_parameters()}
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"weights {str(file)!r} are not a state dict")
     missing = sorted(params - set(sd))
     wrong = sorted(k for k in params & set(sd) if tuple(sd[k].shape) != tuple(ref[k].shape))
     if missing or wrong:
         raise CheckpointError(
-            f"weights {str(file)!r} do not fit the configured model: missing {missing[:5]}, "
+            f"{where} does not fit the model: missing {missing[:5]}, "
             f"wrong shapes {[(k, tuple(sd[k].shape), tuple(ref[k].shape)) for k in wrong[:5]]}"
         )
-    # Buffers (TransformerLens's causal masks, IGNORE) are derived from the config and differ
-    # between TransformerLens versions (3.x stores an empty mask): keep the model's own unless
-    # the stored one has the same shape.
     keep = {k: v.to(ref[k].dtype) for k, v in sd.items()
-            if k in params or (k in ref and tuple(v.shape) == tuple(ref[k].shape))}
+            if k in params or (k in ref and torch.is_tensor(v) and tuple(v.shape) == tuple(ref[k].shape))}
     model.load_state_dict(keep, strict=False)
 
 

@@ -240,8 +240,7 @@ def train(
         except CheckpointError:
             parent = None  # a label only: nothing to continue
         if parent is not None:
-            step_offset, lineage = ckpt.parent_lineage(parent)
-            lineage[-1]["checkpoint"] = str(init_from)
+            step_offset, lineage = ckpt.parent_lineage(init_from)
     meta = dict(task=task, spec=spec, config=config, preset=preset, command=command,
                 init_from=init_from, step_offset=step_offset, lineage=lineage)
 
