@@ -20,82 +20,29 @@ How it stays cheap and side-effect free:
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError, ObjectiveError, SelectionError
+from .access import ATTN_SITES, BLOCK_SITES, CORE_SITES, MODEL_SITES, SITE_ORDER, model_access, select_heads
+from .batch import Batch
+from .bundle import Accumulator, LayerBundle, OutputBundle
 from .objectives import Objective, next_token_loss, validate_objective_value
-from .points import find_attention_layers, select_heads, select_layers
 
-__all__ = ["LayerBundle", "Accumulator", "Capture", "capture"]
-
-
-@dataclass(eq=False)
-class LayerBundle:
-    """Everything one attention layer contributes to the gradient laws, for one batch.
-
-    Dimension ``head`` indexes the selected query heads (``heads``). Entries of ``grad_pattern``
-    outside ``valid`` are not meaningful (autograd's ∂L/∂α is u·v there, though α is 0).
-    """
-
-    layer: int
-    heads: list[int]
-    kv_heads: list[int]
-    attn_scale: float | None
-    pattern: Float[Tensor, "batch head query_pos key_pos"]
-    values: Float[Tensor, "batch key_pos head d_head"]
-    grad_z: Float[Tensor, "batch query_pos head d_head"]
-    grad_pattern: Float[Tensor, "batch head query_pos key_pos"]
-    grad_scores: Float[Tensor, "batch head query_pos key_pos"]
-    grad_values: Float[Tensor, "batch key_pos kv_head d_head"]
-    valid: Bool[Tensor, "batch query_pos key_pos"]
-    query_valid: Bool[Tensor, "batch query_pos"]
-    n_heads: int = 0
-    n_kv_heads: int = 0
-
-    @property
-    def group_complete(self) -> list[bool]:
-        """Per kv head of ``grad_values``: whether every query head of its group is selected.
-
-        The autograd value gradient of a shared kv head sums over its whole group, so the value
-        law can only be checked on kv heads whose group is complete.
-        """
-        group = self.n_heads // self.n_kv_heads
-        selected = set(self.heads)
-        return [all(g * group + i in selected for i in range(group)) for g in range(self.n_kv_heads)]
-
-
-class Accumulator(Protocol):
-    """What capture hands each layer's bundle to (mergeable streaming statistics)."""
-
-    def update(self, bundle: LayerBundle) -> None: ...
-
-    def merge(self, other: Any) -> Any: ...
-
-    def finalize(self) -> Any: ...
+__all__ = ["LayerBundle", "OutputBundle", "Accumulator", "Capture", "capture"]
 
 
 _GRAD_NAMES = ("grad_scores", "grad_pattern", "grad_values", "grad_z")
+_GRAD_SITE = {"scores": "grad_scores", "pattern": "grad_pattern", "v": "grad_values", "z": "grad_z"}
 
 
 @dataclass
 class _LayerState:
-    pattern: Tensor | None = None
-    values: Tensor | None = None
+    acts: dict[str, Tensor] = field(default_factory=dict)
     valid: Tensor | None = None
     grads: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "device", None) is not None:
-        return torch.device(cfg.device)
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class Capture:
@@ -104,17 +51,24 @@ class Capture:
     Args:
         model: a ``HookedTransformer`` or any ``HookedRootModule`` with TransformerLens hook names.
         accumulators: objects with ``update(bundle)``, ``merge(other)``, ``finalize()``; each
-            receives every selected layer's :class:`LayerBundle` as soon as backward produces it.
+            receives every selected layer's :class:`LayerBundle` (as soon as backward produces it,
+            or as soon as the layer has run in a forward-only capture), and, if it has
+            ``update_output``, one :class:`OutputBundle` per pass.
         layers: layer index, indices, or None for all.
         heads: head indices for every layer, a ``{layer: heads}`` mapping, or None for all.
-        keep: also keep each layer's bundle of the last run in ``cap.kept`` (opt-in: memory).
+        gradients: run the backward pass (None: when any accumulator needs gradients, or when
+            there are none).
+        sites: extra sites to deliver in ``bundle.acts`` / ``out.acts`` (see ``hooks.access``);
+            accumulators' own ``sites`` are added.
+        keep: also keep each layer's bundle of the last run in ``cap.kept`` and the output
+            bundle in ``cap.output`` (opt-in: memory).
         keep_query_positions: keep only these query positions (slice or indices).
         keep_device: move kept tensors there (e.g. ``"cpu"`` to offload from a GPU).
         objective: default ``fn(logits, inputs) -> scalar`` for :meth:`Capture.run`.
         input_hook: the hook point whose output becomes the gradient leaf (token models).
 
     Example:
-        >>> from bayesmanifold.analyses.routing import RoutingLawCheck
+        >>> from bayesmanifold.analyses import RoutingLawCheck
         >>> check = RoutingLawCheck()
         >>> with capture(model, accumulators=[check]) as cap:  # doctest: +SKIP
         ...     cap.run(tokens)
@@ -125,9 +79,11 @@ class Capture:
         self,
         model: nn.Module,
         *,
-        accumulators: Iterable[Accumulator] = (),
+        accumulators: Iterable[Any] = (),
         layers: int | Iterable[int] | None = None,
         heads: int | Sequence[int] | Mapping[int, Sequence[int]] | None = None,
+        gradients: bool | None = None,
+        sites: Iterable[str] = (),
         keep: bool = False,
         keep_query_positions: slice | Sequence[int] | None = None,
         keep_device: str | torch.device | None = None,
@@ -135,8 +91,9 @@ class Capture:
         input_hook: str | None = "hook_embed",
     ) -> None:
         self.model = model
-        self._infos = find_attention_layers(model)
-        self.layers = select_layers(self._infos, layers)
+        self.access = model_access(model)
+        self._infos = self.access.layers
+        self.layers = self.access.norm_layers(layers)
         self._heads_arg = heads
         if isinstance(heads, Mapping):
             unknown = set(heads) - set(self.layers)
@@ -148,23 +105,51 @@ class Capture:
             n = self._infos[layer].n_heads
             if n is not None:
                 self._heads_for(layer, n)
+        if accumulators is None or not isinstance(accumulators, Iterable) or hasattr(accumulators, "update"):
+            raise InputError(
+                f"accumulators must be a list of objects with update(bundle), got {type(accumulators).__name__}"
+            )
         self.accumulators = list(accumulators)
         for acc in self.accumulators:
             if not callable(getattr(acc, "update", None)):
                 raise InputError(f"accumulator {type(acc).__name__} has no update(bundle) method")
+        needs = [getattr(acc, "needs_gradients", True) for acc in self.accumulators]
+        self.gradients = bool(gradients) if gradients is not None else (not needs or any(needs))
+        if not self.gradients and any(needs):
+            names = [type(a).__name__ for a, n in zip(self.accumulators, needs) if n]
+            raise InputError(f"gradients=False, but {', '.join(names)} need the backward pass")
+        wanted = set(sites)
+        for acc in self.accumulators:
+            wanted |= set(getattr(acc, "sites", ()))
+        known = set(ATTN_SITES + BLOCK_SITES + MODEL_SITES)
+        if wanted - known:
+            raise SelectionError(f"unknown sites {sorted(wanted - known)}; accepted: {', '.join(sorted(known))}")
+        self.sites = wanted
         self.keep = keep
         self.keep_query_positions = keep_query_positions
-        self.keep_device = torch.device(keep_device) if keep_device is not None else None
+        if keep_device is not None:
+            keep_device = torch.device(keep_device)
+            if keep_device.type == "cuda" and not torch.cuda.is_available():
+                raise InputError("keep_device='cuda' was asked for but no CUDA GPU is available; use 'cpu' or None")
+        self.keep_device = keep_device
         self.objective = objective
         self.input_hook = input_hook if input_hook in model.hook_dict else None
         self.kept: dict[int, LayerBundle] = {}
+        self.output: OutputBundle | None = None
         self.last_loss: float | None = None
         self._handles: list[Any] = []
         self._active = False
         self._state: dict[int, _LayerState] = {}
         self._leaf: Tensor | None = None
-        self._query_mask: Tensor | None = None
+        self._batch: Batch | None = None
         self._n_grads = 0
+        self._model_acts: dict[str, Tensor] = {}
+        # Per layer: the forward sites to store, and (forward-only) the one whose hook fires last.
+        layer_sites = {"pattern", "v", "scores"} | (wanted & set(ATTN_SITES + BLOCK_SITES))
+        if self.gradients:
+            layer_sites.add("z")
+        self._layer_sites = sorted(layer_sites, key=SITE_ORDER.index)
+        self._last_site = self._layer_sites[-1]
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "Capture":
@@ -179,18 +164,14 @@ class Capture:
         self._remove()
 
     def _register(self) -> None:
-        hd = self.model.hook_dict
-        if self.input_hook is not None:
-            self._handles.append(hd[self.input_hook].register_forward_hook(self._input_fwd))
+        acc = self.access
+        if self.input_hook is not None and self.gradients:
+            self._handles.append(self.model.hook_dict[self.input_hook].register_forward_hook(self._input_fwd))
+        for site in sorted(self.sites & set(MODEL_SITES)):
+            self._handles.append(acc.add_forward_hook(site, None, _bind(self._model_fwd, site)))
         for layer in self.layers:
-            prefix = f"blocks.{layer}.attn."
-            for name, fn in (
-                ("hook_attn_scores", self._scores_fwd),
-                ("hook_pattern", self._pattern_fwd),
-                ("hook_v", self._v_fwd),
-                ("hook_z", self._z_fwd),
-            ):
-                self._handles.append(hd[prefix + name].register_forward_hook(_bind(fn, layer)))
+            for site in self._layer_sites:
+                self._handles.append(acc.add_forward_hook(site, layer, _bind(self._site_fwd, layer, site)))
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -208,34 +189,24 @@ class Capture:
         self._leaf = leaf
         return leaf
 
-    def _watch(self, layer: int, name: str, tensor: Tensor) -> None:
-        if tensor.requires_grad:
-            tensor.register_hook(_bind(self._grad_arrived, layer, name))
+    def _model_fwd(self, site: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if self._active:
+            self._model_acts[site] = output.detach()
 
-    def _scores_fwd(self, layer: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    def _site_fwd(self, layer: int, site: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if not self._active:
             return
         st = self._state.setdefault(layer, _LayerState())
-        # The mask is the same for every head; head 0's scores say which entries were masked.
-        st.valid = torch.isfinite(output[:, 0].detach())
-        self._watch(layer, "grad_scores", output)
-
-    def _pattern_fwd(self, layer: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if not self._active:
-            return
-        self._state.setdefault(layer, _LayerState()).pattern = output.detach()
-        self._watch(layer, "grad_pattern", output)
-
-    def _v_fwd(self, layer: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if not self._active:
-            return
-        self._state.setdefault(layer, _LayerState()).values = output.detach()
-        self._watch(layer, "grad_values", output)
-
-    def _z_fwd(self, layer: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if not self._active:
-            return
-        self._watch(layer, "grad_z", output)
+        if site == "scores":
+            # The mask is the same for every head; head 0's scores say which entries were masked.
+            st.valid = self.access.valid_from_scores(output[:, 0].detach())
+        if site in ("pattern", "v") or site in self.sites:
+            st.acts[site] = output.detach()
+        if self.gradients:
+            if site in _GRAD_SITE and output.requires_grad:
+                output.register_hook(_bind(self._grad_arrived, layer, _GRAD_SITE[site]))
+        elif site == self._last_site:
+            self._dispatch(layer)
 
     # ------------------------------------------------------------------ backward
     def _grad_arrived(self, layer: int, name: str, grad: Tensor) -> None:
@@ -255,48 +226,59 @@ class Capture:
 
     def _dispatch(self, layer: int) -> None:
         st = self._state.pop(layer)
-        if st.pattern is None or st.values is None or st.valid is None:
+        pattern, values = st.acts.get("pattern"), st.acts.get("v")
+        if pattern is None or values is None or st.valid is None:
             return
-        pattern, values = st.pattern, st.values
         n_heads, n_kv = pattern.shape[1], values.shape[2]
         if n_heads % n_kv:
             raise ModelError(f"layer {layer}: {n_heads} query heads are not a multiple of {n_kv} kv heads")
-        zeros = {
-            "grad_scores": lambda: torch.zeros_like(pattern),
-            "grad_pattern": lambda: torch.zeros_like(pattern),
-            "grad_values": lambda: torch.zeros_like(values),
-            "grad_z": lambda: pattern.new_zeros(pattern.shape[0], pattern.shape[2], n_heads, values.shape[-1]),
-        }
-        g = {k: st.grads[k] if k in st.grads else zeros[k]() for k in _GRAD_NAMES}
         heads = self._heads_for(layer, n_heads)
         group = n_heads // n_kv
         kv_heads = [h // group for h in heads]
         valid = st.valid
         query_valid = valid.any(dim=-1)
-        if self._query_mask is not None:
-            query_valid = query_valid & self._query_mask
-        grad_scores = g["grad_scores"]
-        if not bool(query_valid.all()):
-            # Fully masked query rows (left padding) give NaN in ∂L/∂s: they carry no attention.
-            grad_scores = grad_scores.masked_fill(~query_valid[:, None, :, None], 0.0)
+        batch = self._batch
+        if batch is not None and batch.attention_mask is not None:
+            query_valid = query_valid & batch.attention_mask.bool()
         all_heads = len(heads) == n_heads
         idx = torch.tensor(heads, device=pattern.device)
+
+        def sel(t: Tensor, dim: int) -> Tensor:
+            return t if all_heads else t.index_select(dim, idx)
+
+        g: dict[str, Tensor | None] = dict.fromkeys(_GRAD_NAMES)
+        if self.gradients:
+            zeros = {
+                "grad_scores": lambda: torch.zeros_like(pattern),
+                "grad_pattern": lambda: torch.zeros_like(pattern),
+                "grad_values": lambda: torch.zeros_like(values),
+                "grad_z": lambda: pattern.new_zeros(pattern.shape[0], pattern.shape[2], n_heads, values.shape[-1]),
+            }
+            g = {k: st.grads[k] if k in st.grads else zeros[k]() for k in _GRAD_NAMES}
+            if not bool(query_valid.all()):
+                # Fully masked query rows (left padding) give NaN in ∂L/∂s: they carry no attention.
+                g["grad_scores"] = g["grad_scores"].masked_fill(~query_valid[:, None, :, None], 0.0)
+            g = {
+                "grad_scores": sel(g["grad_scores"], 1),
+                "grad_pattern": sel(g["grad_pattern"], 1),
+                "grad_z": sel(g["grad_z"], 2),
+                "grad_values": g["grad_values"],
+            }
         kv_idx = torch.tensor(kv_heads, device=pattern.device)
         bundle = LayerBundle(
             layer=layer,
             heads=heads,
             kv_heads=kv_heads,
             attn_scale=self._infos[layer].attn_scale,
-            pattern=pattern if all_heads else pattern.index_select(1, idx),
+            pattern=sel(pattern, 1),
             values=values if group == 1 and all_heads else values.index_select(2, kv_idx),
-            grad_z=g["grad_z"] if all_heads else g["grad_z"].index_select(2, idx),
-            grad_pattern=g["grad_pattern"] if all_heads else g["grad_pattern"].index_select(1, idx),
-            grad_scores=grad_scores if all_heads else grad_scores.index_select(1, idx),
-            grad_values=g["grad_values"],
             valid=valid,
             query_valid=query_valid,
             n_heads=n_heads,
             n_kv_heads=n_kv,
+            batch=batch,
+            acts={k: v for k, v in st.acts.items() if k in self.sites},
+            **g,
         )
         for acc in self.accumulators:
             acc.update(bundle)
@@ -307,10 +289,12 @@ class Capture:
         qp = self.keep_query_positions
         dev = self.keep_device
 
-        def q(t: Tensor, dim: int) -> Tensor:
-            if isinstance(qp, slice):
+        def q(t: Tensor | None, dim: int | None) -> Tensor | None:
+            if t is None:
+                return None
+            if dim is not None and isinstance(qp, slice):
                 t = t[(slice(None),) * dim + (qp,)].clone()
-            elif qp is not None:
+            elif dim is not None and qp is not None:
                 t = t.index_select(dim, torch.as_tensor(list(qp), dtype=torch.long, device=t.device))
             return t.to(dev) if dev is not None else t
 
@@ -322,8 +306,9 @@ class Capture:
             grad_z=q(b.grad_z, 1),
             valid=q(b.valid, 1),
             query_valid=q(b.query_valid, 1),
-            values=b.values.to(dev) if dev is not None else b.values,
-            grad_values=b.grad_values.to(dev) if dev is not None else b.grad_values,
+            values=q(b.values, None),
+            grad_values=q(b.grad_values, None),
+            acts={k: q(v, None) for k, v in b.acts.items()},
         )
 
     # ------------------------------------------------------------------ the pass
@@ -334,112 +319,115 @@ class Capture:
         attention_mask: Tensor | None = None,
         objective: Objective | None = None,
         **forward_kwargs: Any,
-    ) -> float:
-        """Run one forward+backward pass and stream every selected layer to the accumulators.
+    ) -> float | None:
+        """Run one forward(+backward) pass and stream every selected layer to the accumulators.
 
         Args:
-            inputs: token ids ``Int[Tensor, "batch pos"]`` (or ``"pos"``), a string or list of
-                strings (tokenised with the model's tokenizer), or a float tensor for models whose
-                input is not tokens.
+            inputs: a :class:`~bayesmanifold.hooks.batch.Batch`, token ids ``Int[Tensor, "batch pos"]``
+                (or ``"pos"``, any integer dtype), a string or list of strings (tokenised with the
+                model's tokenizer; a padded list gets its attention mask), or a float tensor for
+                models whose input is not tokens.
             attention_mask: ``Int[Tensor, "batch pos"]``, 1 for real tokens (left or right padding).
             objective: ``fn(logits, inputs) -> scalar``; default next-token cross-entropy.
             **forward_kwargs: passed to the model's forward.
 
         Returns:
-            The objective's value.
+            The objective's value (None in a forward-only pass without an objective).
         """
         if not self._handles:
             raise InputError("capture hooks are not attached: use `with capture(model, ...) as cap:`")
         self.kept = {}
-        model = self.model
-        inputs, attention_mask = self._check_inputs(inputs, attention_mask)
+        self.output = None
+        batch = self.access.prepare_batch(inputs, attention_mask)
+        self._check_keep_positions(batch.tokens.shape[1])
+        inputs, attention_mask = batch.tokens, batch.attention_mask
         objective = objective or self.objective
         float_input = torch.is_floating_point(inputs)
-        if objective is None:
+        if objective is None and (self.gradients or not float_input):
             if float_input:
                 raise ObjectiveError(
                     "the default objective (next-token loss) needs token inputs; pass objective=fn(logits, inputs)"
                 )
             objective = next_token_loss(attention_mask)
-        self._query_mask = attention_mask.bool() if attention_mask is not None else None
-        if float_input or self.input_hook is None:
+        self._batch = batch
+        call_inputs = inputs
+        if self.gradients and (float_input or self.input_hook is None):
             if not float_input:
                 raise ModelError(
-                    f"{type(model).__name__} has no hook_embed to start the gradient path from; "
+                    f"{type(self.model).__name__} has no hook_embed to start the gradient path from; "
                     "pass float inputs or a model with a hook_embed hook point"
                 )
-            leaf = inputs.detach().clone().requires_grad_(True)
-            self._leaf = leaf
-            call_inputs = leaf
-        else:
-            call_inputs = inputs
+            self._leaf = call_inputs = inputs.detach().clone().requires_grad_(True)
         if attention_mask is not None:
             forward_kwargs["attention_mask"] = attention_mask
         self._n_grads = 0
+        self._model_acts = {}
         self._active = True
         try:
-            with torch.enable_grad():
-                logits = model(call_inputs, **forward_kwargs)
-                self._active = False
-                leaf = self._leaf
-                if leaf is None:
-                    raise ModelError("the input hook never fired: capture could not start a gradient path")
-                value = objective(logits, inputs)
-                validate_objective_value(value)
-                if not self._state:
-                    raise ObjectiveError("no selected attention layer ran in the forward pass")
-                (grad_leaf,) = torch.autograd.grad(value, [leaf], allow_unused=True)
-            if self._n_grads == 0:
-                raise ObjectiveError(
-                    "the objective has no gradient path to the selected attention layers "
-                    "(does it depend on the logits?)"
-                )
-            # Layers the objective does not depend on get zero gradients (there is no flow).
-            for layer in sorted(self._state, reverse=True):
-                self._dispatch(layer)
-            self.last_loss = float(value.detach())
+            if self.gradients:
+                value = self._forward_backward(call_inputs, inputs, objective, forward_kwargs)
+            else:
+                with torch.no_grad():
+                    logits = self.model(call_inputs, **forward_kwargs)
+                    self._active = False
+                    if self._state:
+                        for layer in sorted(self._state):
+                            self._dispatch(layer)
+                    value = objective(logits, inputs) if objective is not None else None
+                self._deliver_output(logits, value)
+            self.last_loss = None if value is None else float(value.detach())
             return self.last_loss
         finally:
             self._active = False
             self._state.clear()
             self._leaf = None
-            self._query_mask = None
+            self._batch = None
+            self._model_acts = {}
 
-    def _check_inputs(self, inputs: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        model = self.model
-        cfg = getattr(model, "cfg", None)
-        device = _model_device(model)
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
-            if getattr(model, "tokenizer", None) is None:
-                raise InputError("text input needs a model with a tokenizer; pass token ids instead")
-            inputs = model.to_tokens(inputs)
-        if not isinstance(inputs, Tensor):
-            raise InputError(f"inputs must be a tensor of token ids or a string, got {type(inputs).__name__}")
-        if inputs.numel() == 0:
-            raise InputError("inputs are empty; expected token ids of shape [batch, pos]")
-        if not torch.is_floating_point(inputs):
-            if inputs.dtype == torch.bool or inputs.is_complex():
-                raise InputError(f"token ids must be integers, got dtype {inputs.dtype}")
-            if inputs.ndim == 1:
-                inputs = inputs[None]
-            if inputs.ndim != 2:
-                raise InputError(f"token ids must have shape [batch, pos] or [pos], got {tuple(inputs.shape)}")
-            if cfg is not None:
-                vocab = getattr(cfg, "d_vocab", None)
-                lo, hi = int(inputs.min()), int(inputs.max())
-                if lo < 0 or (vocab is not None and hi >= vocab):
-                    raise InputError(f"token ids must lie in 0..{vocab - 1} (d_vocab={vocab}); got range {lo}..{hi}")
-                n_ctx = getattr(cfg, "n_ctx", None)
-                if n_ctx is not None and inputs.shape[1] > n_ctx:
-                    raise InputError(f"sequence length {inputs.shape[1]} exceeds the model's n_ctx={n_ctx}")
-        inputs = inputs.to(device)
-        if attention_mask is not None:
-            if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(inputs.shape[:2]):
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-                raise InputError(f"attention_mask must have shape {tuple(inputs.shape[:2])} (batch, pos), got {got}")
-            attention_mask = attention_mask.to(device)
-        return inputs, attention_mask
+    def _forward_backward(self, call_inputs: Tensor, inputs: Tensor, objective: Objective, kwargs: dict) -> Tensor:
+        with torch.enable_grad():
+            logits = self.model(call_inputs, **kwargs)
+            self._active = False
+            leaf = self._leaf
+            if leaf is None:
+                raise ModelError("the input hook never fired: capture could not start a gradient path")
+            value = objective(logits, inputs)
+            validate_objective_value(value)
+            if not self._state:
+                raise ObjectiveError("no selected attention layer ran in the forward pass")
+            torch.autograd.grad(value, [leaf], allow_unused=True)
+        if self._n_grads == 0:
+            raise ObjectiveError(
+                "the objective has no gradient path to the selected attention layers "
+                "(does it depend on the logits?)"
+            )
+        # Layers the objective does not depend on get zero gradients (there is no flow).
+        for layer in sorted(self._state, reverse=True):
+            self._dispatch(layer)
+        self._deliver_output(logits.detach(), value)
+        return value
 
+    def _check_keep_positions(self, n: int) -> None:
+        qp = self.keep_query_positions
+        if self.keep and qp is not None and not isinstance(qp, slice):
+            bad = [p for p in qp if not -n <= int(p) < n]
+            if bad:
+                raise InputError(f"keep_query_positions {bad} out of range for {n} positions; accepted: -{n}..{n - 1}")
+
+    def _deliver_output(self, logits: Tensor, value: Tensor | None) -> None:
+        receivers = [a for a in self.accumulators if callable(getattr(a, "update_output", None))]
+        if not receivers and not self.keep:
+            return
+        out = OutputBundle(
+            batch=self._batch,
+            logits=logits,
+            loss=None if value is None else float(value.detach()),
+            acts=dict(self._model_acts),
+        )
+        for acc in receivers:
+            acc.update_output(out)
+        if self.keep:
+            self.output = out
 
 def _bind(fn: Callable, *args: Any) -> Callable:
     def bound(*rest: Any) -> Any:

@@ -1,0 +1,123 @@
+"""Interventions on a model, each in one place: head ablation and one gradient step on a copy.
+
+Both leave the user's model as found: ablation hooks are scoped to a ``with`` block and only ours
+are removed; a gradient step is taken on a deep copy, never on the model itself.
+"""
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+from .access import model_access
+from .objectives import Objective, next_token_loss
+
+__all__ = ["ablated_head", "parameter_names", "stepped_copy"]
+
+ParamKind = Literal["all", "qk", "values"]
+_KIND_NAMES = {
+    "qk": ("W_Q", "W_K", "b_Q", "b_K", "_W_K", "_b_K"),
+    "values": ("W_V", "b_V", "_W_V", "_b_V"),
+}
+
+
+def parameter_names(model: nn.Module, kind: ParamKind, layers: Sequence[int] | None = None) -> list[str]:
+    """Names of the floating-point parameters of one kind: ``"all"``, attention ``"qk"`` or ``"values"``.
+
+    ``layers`` restricts ``"qk"`` and ``"values"`` to those attention layers (None: all).
+    """
+    if kind not in ("all", "qk", "values"):
+        raise ConfigError(f"parameter kind must be 'all', 'qk' or 'values', got {kind!r}")
+    out = []
+    for name, p in model.named_parameters():
+        if not torch.is_floating_point(p):
+            continue
+        if kind == "all":
+            out.append(name)
+            continue
+        parts = name.split(".")
+        if (
+            len(parts) == 4
+            and parts[0] == "blocks"
+            and parts[2] == "attn"
+            and parts[3] in _KIND_NAMES[kind]
+            and (layers is None or int(parts[1]) in layers)
+        ):
+            out.append(name)
+    if not out:
+        raise InputError(f"the model has no {kind} parameters in layers {layers if layers is not None else 'all'} to step")
+    return out
+
+
+def stepped_copy(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    lr: float,
+    params: Sequence[str] | None = None,
+    objective: Objective | None = None,
+    attention_mask: Tensor | None = None,
+    optimizer_factory: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+) -> tuple[nn.Module, float]:
+    """A deep copy of ``model`` after one optimiser step on ``params`` (names; None: all).
+
+    The default step is plain gradient descent ``p ← p − lr·∂L/∂p``. Returns the stepped copy and
+    the objective's value before the step.
+    """
+    if not (isinstance(lr, int | float) and lr > 0 and lr < float("inf")):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    access = model_access(model)
+    batch = access.prepare_batch(inputs, attention_mask)
+    objective = objective or next_token_loss(batch.attention_mask)
+    new = copy.deepcopy(model)
+    named = dict(new.named_parameters())
+    chosen = list(named) if params is None else list(params)
+    missing = [n for n in chosen if n not in named]
+    if missing:
+        raise InputError(f"the model has no parameters {missing[:3]}")
+    for n, p in named.items():
+        p.requires_grad_(n in chosen)
+        p.grad = None
+    kw = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask}
+    with torch.enable_grad():
+        loss = objective(new(batch.tokens, **kw), batch.tokens)
+        grads = torch.autograd.grad(loss, [named[n] for n in chosen], allow_unused=True)
+    if optimizer_factory is None:
+        with torch.no_grad():
+            for n, g in zip(chosen, grads):
+                if g is not None:
+                    named[n].sub_(lr * g)
+    else:
+        ps = [named[n] for n in chosen]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        optimizer_factory(ps).step()
+        for p in ps:
+            p.grad = None
+    return new, float(loss.detach())
+
+
+@contextlib.contextmanager
+def ablated_head(
+    model: nn.Module, layer: int, head: int, *, replacement: Tensor | None = None
+) -> Iterator[None]:
+    """Inside the block, head ``head`` of ``layer`` outputs ``replacement`` (``[d_head]``) or zero.
+
+    The hook returns a new tensor (it never writes into the model's); only this hook is removed on
+    exit.
+    """
+
+    def hook(module: nn.Module, inp: Any, z: Tensor) -> Tensor:
+        z = z.clone()
+        z[:, :, head] = 0.0 if replacement is None else replacement
+        return z
+
+    handle = model_access(model).add_forward_hook("z", layer, hook)
+    try:
+        yield
+    finally:
+        handle.remove()
