@@ -1,1 +1,63 @@
-"""Analyses: one module per measurement, each returning a frozen result dataclass."""
+"""Analyses: one module per measurement, each an accumulator fed by capture and a result value.
+
+Every name below is importable from ``bayesmanifold.analyses``; a module is imported when one of
+its names is first used, so importing the package stays cheap.
+"""
+
+import importlib
+from typing import Any
+
+# name -> module (relative to this package) that defines it
+_WHERE = {
+    "RoutingLawCheck": "routing",
+    "RoutingLawResult": "routing",
+    "verify_routing_law": "routing",
+    "AdvantageStats": "routing",
+    "AdvantageResult": "routing",
+    "OneStepResult": "routing",
+    "one_step_check": "routing",
+    "HeadStats": "headstats",
+    "ManifoldAccumulator": "manifold",
+    "ManifoldResult": "manifold",
+    "collect_features": "manifold",
+    "value_manifold": "manifold",
+    "KeyOrthogonalityResult": "geometry",
+    "key_orthogonality": "geometry",
+    "AttentionEntropyAccumulator": "geometry",
+    "AttentionEntropyResult": "geometry",
+    "attention_entropy": "geometry",
+    "QKAlignmentResult": "geometry",
+    "query_key_alignment": "geometry",
+    "HeadAblationResult": "geometry",
+    "head_ablation": "geometry",
+    "SpecializationAccumulator": "responsibility",
+    "SpecializationResult": "responsibility",
+    "specialization": "responsibility",
+    "value_update_alignment": "responsibility",
+    "positive_feedback_probe": "responsibility",
+    "DynamicsMonitor": "dynamics",
+    "DynamicsResult": "dynamics",
+    "replay": "dynamics",
+    "Paper3Result": "paper3",
+    "paper3_protocol": "paper3",
+    "pearson": "stats",
+    "spearman": "stats",
+    "entropy": "stats",
+    "js_divergence": "stats",
+    "stabilization_step": "stats",
+    "settling_step": "stats",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'bayesmanifold.analyses' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

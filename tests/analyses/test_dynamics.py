@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import hook_count, make_model
+from helpers import hook_count, make_model
 
 from bayesmanifold.analyses.dynamics import (
     DynamicsMonitor,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import hook_count, make_model
+from helpers import hook_count, make_model
 
 from bayesmanifold.analyses.manifold import (
     ManifoldAccumulator,

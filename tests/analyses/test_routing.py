@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from helpers import make_model
 
 
 from bayesmanifold.analyses.routing import (

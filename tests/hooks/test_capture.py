@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import hook_count, make_model
+from helpers import hook_count, make_model
 
 from bayesmanifold.errors import (
     BayesManifoldError,
