@@ -27,6 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError, SelectionError
+from .batch import Batch
 from .selection import select_heads, select_layers
 
 __all__ = [
@@ -280,10 +281,8 @@ class ModelAccess:
             mask[i, : len(r)] = 1
         return tokens, mask
 
-    def prepare_batch(self, inputs: Any, attention_mask: Tensor | None = None) -> "Batch":
+    def prepare_batch(self, inputs: Any, attention_mask: Tensor | None = None) -> Batch:
         """A :class:`Batch` on the model's device from a Batch, token ids, text or float inputs, checked."""
-        from .batch import Batch
-
         access = self
         device = access.device
         if isinstance(inputs, Batch):

@@ -1,14 +1,18 @@
 """The values capture hands to measurements: one per attention layer, one per pass."""
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..errors import InputError, SelectionError
+from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES
 from .batch import Batch
 
-__all__ = ["LayerBundle", "OutputBundle", "Accumulator"]
+__all__ = ["LayerBundle", "OutputBundle", "Accumulator", "plan_accumulators"]
 
 
 @dataclass(eq=False)
@@ -55,6 +59,35 @@ class LayerBundle:
         return [all(g * group + i in selected for i in range(group)) for g in range(self.n_kv_heads)]
 
 
+    def sliced(
+        self, query_positions: slice | Sequence[int] | None = None, device: torch.device | None = None
+    ) -> "LayerBundle":
+        """A copy restricted to ``query_positions`` (slice or indices) and moved to ``device``."""
+        qp = query_positions
+
+        def q(t: Tensor | None, dim: int | None) -> Tensor | None:
+            if t is None:
+                return None
+            if dim is not None and isinstance(qp, slice):
+                t = t[(slice(None),) * dim + (qp,)].clone()
+            elif dim is not None and qp is not None:
+                t = t.index_select(dim, torch.as_tensor(list(qp), dtype=torch.long, device=t.device))
+            return t.to(device) if device is not None else t
+
+        return replace(
+            self,
+            pattern=q(self.pattern, 2),
+            grad_pattern=q(self.grad_pattern, 2),
+            grad_scores=q(self.grad_scores, 2),
+            grad_z=q(self.grad_z, 1),
+            valid=q(self.valid, 1),
+            query_valid=q(self.query_valid, 1),
+            values=q(self.values, None),
+            grad_values=q(self.grad_values, None),
+            acts={k: q(v, None) for k, v in self.acts.items()},
+        )
+
+
 @dataclass(eq=False)
 class OutputBundle:
     """What a pass produced at the model's output: logits, the objective's value, model-level sites."""
@@ -80,3 +113,34 @@ class Accumulator(Protocol):
     def finalize(self) -> Any: ...
 
 
+
+
+def plan_accumulators(
+    accumulators: Any, gradients: bool | None, sites: Iterable[str]
+) -> tuple[list[Any], bool, set[str]]:
+    """Check accumulators and decide what a capture must do for them.
+
+    Returns the accumulators as a list, whether to run the backward pass (``gradients`` if given;
+    else True when any accumulator needs gradients, its ``needs_gradients`` defaulting to True, or
+    when there is none), and the extra sites to deliver (``sites`` plus the accumulators' own).
+    """
+    if accumulators is None or isinstance(accumulators, str) or not isinstance(accumulators, Iterable) or hasattr(accumulators, "update"):
+        raise InputError(
+            f"accumulators must be a list of objects with update(bundle), got {type(accumulators).__name__}"
+        )
+    accs = list(accumulators)
+    for acc in accs:
+        if not callable(getattr(acc, "update", None)):
+            raise InputError(f"accumulator {type(acc).__name__} has no update(bundle) method")
+    needs = [bool(getattr(acc, "needs_gradients", True)) for acc in accs]
+    run_backward = bool(gradients) if gradients is not None else (not needs or any(needs))
+    if not run_backward and any(needs):
+        names = [type(a).__name__ for a, n in zip(accs, needs) if n]
+        raise InputError(f"gradients=False, but {', '.join(names)} need the backward pass")
+    wanted = set(sites)
+    for acc in accs:
+        wanted |= set(getattr(acc, "sites", ()))
+    known = set(ATTN_SITES + BLOCK_SITES + MODEL_SITES)
+    if wanted - known:
+        raise SelectionError(f"unknown sites {sorted(wanted - known)}; accepted: {', '.join(sorted(known))}")
+    return accs, run_backward, wanted

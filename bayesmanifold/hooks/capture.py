@@ -16,20 +16,25 @@ How it stays cheap and side-effect free:
   skipped.
 - Only our own hooks are registered (plain PyTorch handles on the hook points) and they are
   removed in ``__exit__``, also when the objective raises; the user's hooks stay.
+- Forward-only measurements (attention entropy, value manifolds, the logit lens) ride the same
+  path with ``gradients=False``: the pass runs under ``no_grad`` and each layer is handed over as
+  soon as its last requested site has fired.
+- Hook names, masks and head counts come from the model-access layer (:mod:`.access`).
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError, ObjectiveError, SelectionError
-from .access import ATTN_SITES, BLOCK_SITES, CORE_SITES, MODEL_SITES, SITE_ORDER, model_access, select_heads
+from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, model_access
 from .batch import Batch
-from .bundle import Accumulator, LayerBundle, OutputBundle
+from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
 from .objectives import Objective, next_token_loss, validate_objective_value
+from .selection import select_heads
 
 __all__ = ["LayerBundle", "OutputBundle", "Accumulator", "Capture", "capture"]
 
@@ -56,8 +61,7 @@ class Capture:
             ``update_output``, one :class:`OutputBundle` per pass.
         layers: layer index, indices, or None for all.
         heads: head indices for every layer, a ``{layer: heads}`` mapping, or None for all.
-        gradients: run the backward pass (None: when any accumulator needs gradients, or when
-            there are none).
+        gradients: run the backward pass (None: if any accumulator needs it, or there is none).
         sites: extra sites to deliver in ``bundle.acts`` / ``out.acts`` (see ``hooks.access``);
             accumulators' own ``sites`` are added.
         keep: also keep each layer's bundle of the last run in ``cap.kept`` and the output
@@ -105,26 +109,8 @@ class Capture:
             n = self._infos[layer].n_heads
             if n is not None:
                 self._heads_for(layer, n)
-        if accumulators is None or not isinstance(accumulators, Iterable) or hasattr(accumulators, "update"):
-            raise InputError(
-                f"accumulators must be a list of objects with update(bundle), got {type(accumulators).__name__}"
-            )
-        self.accumulators = list(accumulators)
-        for acc in self.accumulators:
-            if not callable(getattr(acc, "update", None)):
-                raise InputError(f"accumulator {type(acc).__name__} has no update(bundle) method")
-        needs = [getattr(acc, "needs_gradients", True) for acc in self.accumulators]
-        self.gradients = bool(gradients) if gradients is not None else (not needs or any(needs))
-        if not self.gradients and any(needs):
-            names = [type(a).__name__ for a, n in zip(self.accumulators, needs) if n]
-            raise InputError(f"gradients=False, but {', '.join(names)} need the backward pass")
-        wanted = set(sites)
-        for acc in self.accumulators:
-            wanted |= set(getattr(acc, "sites", ()))
-        known = set(ATTN_SITES + BLOCK_SITES + MODEL_SITES)
-        if wanted - known:
-            raise SelectionError(f"unknown sites {sorted(wanted - known)}; accepted: {', '.join(sorted(known))}")
-        self.sites = wanted
+        self.accumulators, self.gradients, self.sites = plan_accumulators(accumulators, gradients, sites)
+        wanted = self.sites
         self.keep = keep
         self.keep_query_positions = keep_query_positions
         if keep_device is not None:
@@ -283,33 +269,7 @@ class Capture:
         for acc in self.accumulators:
             acc.update(bundle)
         if self.keep:
-            self.kept[layer] = self._to_kept(bundle)
-
-    def _to_kept(self, b: LayerBundle) -> LayerBundle:
-        qp = self.keep_query_positions
-        dev = self.keep_device
-
-        def q(t: Tensor | None, dim: int | None) -> Tensor | None:
-            if t is None:
-                return None
-            if dim is not None and isinstance(qp, slice):
-                t = t[(slice(None),) * dim + (qp,)].clone()
-            elif dim is not None and qp is not None:
-                t = t.index_select(dim, torch.as_tensor(list(qp), dtype=torch.long, device=t.device))
-            return t.to(dev) if dev is not None else t
-
-        return replace(
-            b,
-            pattern=q(b.pattern, 2),
-            grad_pattern=q(b.grad_pattern, 2),
-            grad_scores=q(b.grad_scores, 2),
-            grad_z=q(b.grad_z, 1),
-            valid=q(b.valid, 1),
-            query_valid=q(b.query_valid, 1),
-            values=q(b.values, None),
-            grad_values=q(b.grad_values, None),
-            acts={k: q(v, None) for k, v in b.acts.items()},
-        )
+            self.kept[layer] = bundle.sliced(self.keep_query_positions, self.keep_device)
 
     # ------------------------------------------------------------------ the pass
     def run(
