@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
@@ -296,6 +297,8 @@ class ModelAccess:
             if attention_mask is not None:
                 raise InputError("text input gets its attention mask from the tokenizer; do not pass one")
             inputs, attention_mask = access.text_to_tokens(inputs)
+        if isinstance(inputs, np.ndarray):
+            inputs = torch.from_numpy(inputs)
         if not isinstance(inputs, Tensor):
             raise InputError(f"inputs must be a tensor of token ids, a Batch or a string, got {type(inputs).__name__}")
         if not torch.is_floating_point(inputs):
