@@ -167,7 +167,7 @@ def build_report(
                     table=step_df[["layer", "head", "adv_weighted_dalpha", "frac_queries_toward_positive", "gain_share_positive", "corr_ds_alpha_adv"]])
 
     def calibration() -> None:
-        from .analyses.calibration import measure_calibration
+        from .windtunnels.calibration import measure_calibration
 
         model, tk = state["model"], state["task"]
         cal = measure_calibration(model, tk, n_seqs=200 if quick else 1000, generator=seed + 3)

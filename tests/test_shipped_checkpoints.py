@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bayesmanifold.analyses.calibration import measure_calibration
+from bayesmanifold.windtunnels.calibration import measure_calibration
 from bayesmanifold.models import list_shipped, load_checkpoint
 from bayesmanifold.models.checkpoint import list_snapshots, load_snapshot, shipped_dir
 

@@ -164,7 +164,7 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
     if not args.no_dynamics:
         d, source = _dynamics_from_history(history)
         if d is None and ckpt_dir is not None and (ckpt_dir / "snapshots").is_dir() and any((ckpt_dir / "snapshots").glob("step_*.pt")):
-            from ..analyses.calibration import measure_calibration
+            from ..windtunnels.calibration import measure_calibration
 
             probe = task.sample(32, generator=int(args.seed) + 1).tokens
             pm = torch.zeros(probe.shape, dtype=torch.bool)

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..analyses.calibration import calibration_from_probs, logit_lens_kl, measure_calibration
+    from ..windtunnels.calibration import calibration_from_probs, logit_lens_kl, measure_calibration
     from ..models.checkpoint import load_checkpoint
     from .windtunnel_args import resolve_device
 
@@ -96,7 +96,7 @@ def _record(args, model, task, cfg, out, device) -> None:
     """metrics.json beside the weights: full, quick and (HMM) length-generalisation numbers."""
     from pathlib import Path
 
-    from ..analyses.calibration import measure_calibration
+    from ..windtunnels.calibration import measure_calibration
     from ..models.checkpoint import resolve_checkpoint
 
     if args.k is not None:

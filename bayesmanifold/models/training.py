@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..windtunnels.base import TaskBatch, WindTunnel, make_generator
+from ..windtunnels.calibration import measure_calibration
 from .presets import ModelSpec, build_model, move_model
 
 __all__ = ["TrainConfig", "TrainResult", "StepCallback", "train", "batch_loss"]
@@ -210,7 +211,6 @@ def train(
         >>> task = BijectionTask(V=6, L=5)
         >>> res = train(task, preset_spec("tiny", task), TrainConfig(steps=20, progress=False))
     """
-    from ..analyses.calibration import measure_calibration
     from . import checkpoint as ckpt
 
     for cb in callbacks:

@@ -2,6 +2,13 @@
 
 from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
 from .bijection import BijectionTask
+from .calibration import (
+    CalibrationResult,
+    LogitLensResult,
+    calibration_from_probs,
+    logit_lens_kl,
+    measure_calibration,
+)
 from .hmm import HMMTask
 from .recall import RecallTask
 from .registry import TASKS, task_from_dict
@@ -12,6 +19,11 @@ __all__ = [
     "entropy_bits",
     "make_generator",
     "BijectionTask",
+    "CalibrationResult",
+    "LogitLensResult",
+    "calibration_from_probs",
+    "logit_lens_kl",
+    "measure_calibration",
     "HMMTask",
     "RecallTask",
     "TASKS",

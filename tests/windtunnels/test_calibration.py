@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bayesmanifold.analyses.calibration import (
+from bayesmanifold.windtunnels.calibration import (
     calibration_from_probs,
     logit_lens_kl,
     measure_calibration,

@@ -12,8 +12,9 @@ difference, then average over positions. It is reported beside the per-position
 with the right *average* entropy but wrong posteriors has a small MAE and a large KL. The
 authors' thresholds: pass < 0.01 bits, partial < 0.1.
 
-:func:`logit_lens_kl` reads each layer's residual stream of a ``HookedTransformer`` through the
-final norm and unembedding (the logit lens) and gives the same KL per layer.
+:func:`logit_lens_kl` reads each layer's residual stream of a TransformerLens model (captured
+forward-only by the engine) through the final norm and unembedding (the logit lens) and gives
+the same KL per layer.
 """
 
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..errors import InputError, TaskError
-from ..windtunnels.base import TaskBatch, WindTunnel, entropy_bits, make_generator
+from ..errors import InputError, ModelError, TaskError
+from ..hooks.access import model_access
+from ..hooks.capture import capture
+from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
 
 __all__ = [
     "CalibrationResult",
@@ -263,6 +266,29 @@ class LogitLensResult:
         return ax
 
 
+class _ResidualLens:
+    """Forward-only accumulator: the residual stream entering block 0 and leaving every block."""
+
+    needs_gradients = False
+    sites = ("resid_pre", "resid_post")
+
+    def __init__(self) -> None:
+        self.resid: dict = {}
+
+    def update(self, bundle) -> None:
+        if bundle.layer == 0:
+            self.resid["embed"] = bundle.acts["resid_pre"]
+        self.resid[bundle.layer] = bundle.acts["resid_post"]
+
+    def merge(self, other: "_ResidualLens") -> "_ResidualLens":
+        self.resid.update(other.resid)
+        return self
+
+    def finalize(self) -> dict:
+        out, self.resid = self.resid, {}
+        return out
+
+
 def logit_lens_kl(
     model: nn.Module,
     task: WindTunnel,
@@ -270,21 +296,30 @@ def logit_lens_kl(
     generator: "int | torch.Generator" = 0,
     batch_size: int = 256,
 ) -> LogitLensResult:
-    """Per-layer logit-lens KL(Bayes ‖ model) in bits for a ``HookedTransformer``."""
-    from transformer_lens import HookedTransformer
+    """Per-layer logit-lens KL(Bayes ‖ model) in bits for a TransformerLens model.
 
-    if not isinstance(model, HookedTransformer):
-        raise InputError(f"logit_lens_kl needs a HookedTransformer; got {type(model).__name__}")
-    device = next(model.parameters()).device
-    n_layers = model.cfg.n_layers
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
+    Each residual stream (entering block 0, then leaving every block) goes through the model's
+    final norm and unembedding; the result is scored like the model's own logits.
+
+    Raises:
+        InputError: ``model`` is not a TransformerLens model (the lens reads its residual stream).
+    """
+    try:
+        access = model_access(model)
+    except ModelError as exc:
+        raise InputError(f"logit_lens_kl needs a TransformerLens model: {exc}") from None
+    device = access.device
+    n_layers = access.n_layers
+    keys = ["embed", *range(n_layers)]
+    lens = _ResidualLens()
 
     def per_batch(b: TaskBatch):
-        _, cache = model.run_with_cache(b.tokens, names_filter=lambda n: n in names)
+        with capture(model, accumulators=[lens], gradients=False) as cap:
+            cap.run(b.tokens)
+        resid = lens.finalize()
         kls = []
-        for n in names:
-            resid = cache[n]
-            logits = model.unembed(model.ln_final(resid))
+        for k in keys:
+            logits = access.unembed(access.final_norm(resid[k]))
             lp = restricted_log_probs(logits, b)
             res = calibration_from_probs(lp.cpu(), b.posterior.cpu())
             kls.append(res.kl_bits * b.batch_size)
