@@ -1,9 +1,12 @@
 """Overhead of capture + streamed routing statistics against a plain forward+backward.
 
 On a GPT-2-small-shaped HookedTransformer with random weights (12 layers, d_model 768, 12 heads,
-vocabulary 50257), at (batch 4, seq 256) and (batch 1, seq 1024), each measurement in its own
-process, three ways:
+vocabulary 50257), at (batch 4, seq 256) and (batch 1, seq 1024), and on a long-context model
+(4 layers, d_model 256, 4 heads, n_ctx 4096) at (batch 1, seq 4096), each measurement in its own
+process, four ways:
 
+- ``floor``: what capture cannot avoid: one forward pass plus one backward pass to the embedding
+  output with the weights frozen (no weight gradients), nothing else;
 - ``plain``: ``model(tokens, return_type="loss").backward()``;
 - ``capture``: bayesmanifold's capture with :class:`RoutingLawCheck` and :class:`AdvantageStats`
   streamed (every head of every layer);
@@ -11,14 +14,17 @@ process, three ways:
   on the four attention hooks, then the same statistics per layer from the cache.
 
 Printed: median wall time over the repeats (after one warm-up) and peak memory, as ratios against
-``plain`` measured in the same run. Peak memory on CPU is the process's peak resident set size
+``floor`` and ``plain`` measured in the same run. Peak memory on CPU is the process's peak resident set size
 (``ru_maxrss``); ``excess`` ratios compare the growth above the resident size just before the
 first pass (model and inputs already built), which isolates the pass's own allocations. On CUDA
 it is ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/overhead.py [--reps 3] [--sizes 4x256,1x1024] [--device cpu] [--json PATH]
+    python benchmarks/overhead.py [--reps 3] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+
+A size with ``seq`` > 1024 uses the long-context model. ``--skip-naive`` leaves out the
+TransformerLens-alone mode (at 1 x 4096 it holds every layer's four N x N tensors and their gradients).
 """
 
 import argparse
@@ -31,19 +37,24 @@ import sys
 import time
 
 
-def _build(device: str):
+def _build(device: str, seq: int):
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    if seq <= 1024:
+        shape = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024)
+    else:
+        shape = dict(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=seq)
     cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-        act_fn="gelu_new", normalization_type="LN", seed=0, device=device, dtype=torch.float32,
+        **shape, d_vocab=50257, act_fn="gelu_new", normalization_type="LN", device=device, dtype=torch.float32
     )
-    return HookedTransformer(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return HookedTransformer(cfg)
 
 
 def _stats():
-    from bayesmanifold.analyses.routing import AdvantageStats, RoutingLawCheck
+    from bayesmanifold.analyses import AdvantageStats, RoutingLawCheck
 
     return [RoutingLawCheck(), AdvantageStats()]
 
@@ -52,7 +63,7 @@ def _naive_step(model, tokens):
     """TransformerLens alone: cache everything, then the same statistics per layer."""
     import torch
 
-    from bayesmanifold.hooks.capture import LayerBundle
+    from bayesmanifold.hooks import LayerBundle
 
     names = lambda n: n.endswith(("hook_attn_scores", "hook_pattern", "hook_v", "hook_z"))  # noqa: E731
     model.zero_grad(set_to_none=True)
@@ -80,8 +91,22 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
 
     from bayesmanifold.hooks import capture
 
-    model = _build(device)
+    model = _build(device, seq)
     tokens = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    if mode == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def floor():
+        leaf = {}
+
+        def start(t, hook):
+            leaf["x"] = t.detach().requires_grad_(True)
+            return leaf["x"]
+
+        with model.hooks(fwd_hooks=[("hook_embed", start)]):
+            loss = model(tokens, return_type="loss")
+        torch.autograd.grad(loss, [leaf["x"]])
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -93,7 +118,7 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
             cap.run(tokens)
         return [acc.finalize() for acc in accs]
 
-    step = {"plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
+    step = {"floor": floor, "plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -131,7 +156,8 @@ def _measure(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--sizes", default="4x256,1x1024", help="comma-separated BATCHxSEQ")
+    ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
+    ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -143,26 +169,42 @@ def main(argv=None) -> int:
         return 0
     results = []
     for batch, seq in sizes:
-        m = {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in ("plain", "capture", "naive")}
-        p = m["plain"]
+        modes = ("floor", "plain", "capture") + (() if args.skip_naive else ("naive",))
+        m = {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in modes}
+        p, f, c = m["plain"], m["floor"], m["capture"]
         row = {
             "batch": batch,
             "seq": seq,
+            "floor_time_s": f["time"],
+            "floor_excess_bytes": f["peak"] - f["base"],
+            "floor_time_ratio": c["time"] / f["time"],
+            "floor_excess_memory_ratio": (c["peak"] - c["base"]) / (f["peak"] - f["base"]),
             "plain_time_s": p["time"],
             "time_ratio": m["capture"]["time"] / p["time"],
             "peak_memory_ratio": m["capture"]["peak"] / p["peak"],
             "excess_memory_ratio": (m["capture"]["peak"] - m["capture"]["base"]) / (p["peak"] - p["base"]),
-            "naive_time_ratio": m["naive"]["time"] / p["time"],
-            "naive_peak_memory_ratio": m["naive"]["peak"] / p["peak"],
-            "naive_excess_memory_ratio": (m["naive"]["peak"] - m["naive"]["base"]) / (p["peak"] - p["base"]),
             "plain_peak_bytes": p["peak"],
         }
+        if "naive" in m:
+            n = m["naive"]
+            row.update(
+                naive_time_ratio=n["time"] / p["time"],
+                naive_peak_memory_ratio=n["peak"] / p["peak"],
+                naive_excess_memory_ratio=(n["peak"] - n["base"]) / (p["peak"] - p["base"]),
+                naive_floor_time_ratio=n["time"] / f["time"],
+                naive_floor_excess_memory_ratio=(n["peak"] - n["base"]) / (f["peak"] - f["base"]),
+            )
         results.append(row)
+        naive = (
+            f" | naive TL ×{row['naive_floor_time_ratio']:.3f} time, ×{row['naive_floor_excess_memory_ratio']:.3f} excess"
+            if "naive" in m
+            else ""
+        )
         print(
-            f"batch {batch:>2} seq {seq:>5}: plain {p['time']:.2f} s, peak {p['peak'] / 2**30:.2f} GiB | "
-            f"capture+stats time ×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f} "
-            f"(excess ×{row['excess_memory_ratio']:.3f}) | naive TL time ×{row['naive_time_ratio']:.3f}, "
-            f"peak ×{row['naive_peak_memory_ratio']:.3f} (excess ×{row['naive_excess_memory_ratio']:.3f})",
+            f"batch {batch:>2} seq {seq:>5}: floor {f['time']:.2f} s, excess {row['floor_excess_bytes'] / 2**30:.2f} GiB | "
+            f"capture+stats vs floor: time ×{row['floor_time_ratio']:.3f}, excess memory "
+            f"×{row['floor_excess_memory_ratio']:.3f} | vs plain fwd+bwd ({p['time']:.2f} s): time "
+            f"×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f}{naive}",
             flush=True,
         )
     if args.json:
