@@ -7,12 +7,14 @@ centring, so internals match HuggingFace (logits agree to ~1e-6 in float32).
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..errors import ModelError
+from ..errors import CheckpointError, ModelError
 
-__all__ = ["load_model", "load_hf_directory", "toy_model", "parse_dtype"]
+__all__ = ["load_model", "load_hf_directory", "toy_model", "parse_dtype", "load_fitting_state_dict"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -140,3 +142,27 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
             f"could not load pretrained model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "accepted: 'toy', a local HuggingFace directory, or a TransformerLens model name (needs network)"
         ) from None
+
+
+def load_fitting_state_dict(model: nn.Module, sd: Any, where: str) -> None:
+    """Load the state dict ``sd`` (read from ``where``) into ``model``, in the model's dtypes.
+
+    Every parameter must be present with the model's shape, else :class:`CheckpointError`.
+    Buffers (TransformerLens's causal masks, IGNORE) are derived from the config and differ
+    between TransformerLens versions (3.x stores an empty mask): the model keeps its own unless
+    the stored one has the same shape.
+    """
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} is not a state dict")
+    ref = model.state_dict()
+    params = {k for k, _ in model.named_parameters()}
+    missing = sorted(params - set(sd))
+    wrong = sorted(k for k in params & set(sd) if tuple(sd[k].shape) != tuple(ref[k].shape))
+    if missing or wrong:
+        raise CheckpointError(
+            f"{where} does not fit the model: missing {missing[:5]}, "
+            f"wrong shapes {[(k, tuple(sd[k].shape), tuple(ref[k].shape)) for k in wrong[:5]]}"
+        )
+    keep = {k: v.to(ref[k].dtype) for k, v in sd.items()
+            if k in params or (k in ref and torch.is_tensor(v) and tuple(v.shape) == tuple(ref[k].shape))}
+    model.load_state_dict(keep, strict=False)

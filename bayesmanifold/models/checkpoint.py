@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..hooks.loading import load_fitting_state_dict
 from ..io import atomic_torch_save, atomic_write_json, ensure_dir
 from ..windtunnels.base import WindTunnel
 from ..windtunnels.registry import task_from_dict
@@ -235,30 +236,6 @@ def _load_weights(model: nn.Module, file: Path) -> None:
     except Exception as exc:
         raise CheckpointError(f"cannot read weights {str(file)!r}: {exc}") from None
     load_fitting_state_dict(model, sd, f"weights {str(file)!r}")
-
-
-def load_fitting_state_dict(model: nn.Module, sd: Any, where: str) -> None:
-    """Load the state dict ``sd`` (read from ``where``) into ``model``, in the model's dtypes.
-
-    Every parameter must be present with the model's shape, else :class:`CheckpointError`.
-    Buffers (TransformerLens's causal masks, IGNORE) are derived from the config and differ
-    between TransformerLens versions (3.x stores an empty mask): the model keeps its own unless
-    the stored one has the same shape.
-    """
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{where} is not a state dict")
-    ref = model.state_dict()
-    params = {k for k, _ in model.named_parameters()}
-    missing = sorted(params - set(sd))
-    wrong = sorted(k for k in params & set(sd) if tuple(sd[k].shape) != tuple(ref[k].shape))
-    if missing or wrong:
-        raise CheckpointError(
-            f"{where} does not fit the model: missing {missing[:5]}, "
-            f"wrong shapes {[(k, tuple(sd[k].shape), tuple(ref[k].shape)) for k in wrong[:5]]}"
-        )
-    keep = {k: v.to(ref[k].dtype) for k, v in sd.items()
-            if k in params or (k in ref and torch.is_tensor(v) and tuple(v.shape) == tuple(ref[k].shape))}
-    model.load_state_dict(keep, strict=False)
 
 
 def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "cpu"):
