@@ -2,7 +2,7 @@
 
 Attention patterns (the "frame") should settle long before the values (the "precision") stop
 refining. This script trains a small TransformerLens model on the bijection wind tunnel with a
-plain PyTorch loop and plugs :class:`bayesmanifold.analyses.dynamics.DynamicsMonitor` into it:
+plain PyTorch loop and plugs :class:`bayesmanifold.analyses.monitor.DynamicsMonitor` into it:
 one line, ``monitor.on_step(model, step)``, after each optimizer step.
 
 Run:
@@ -18,7 +18,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from bayesmanifold.analyses.calibration import measure_calibration
-from bayesmanifold.analyses.dynamics import DynamicsMonitor
+from bayesmanifold.analyses.monitor import DynamicsMonitor
 from bayesmanifold.windtunnels.bijection import BijectionTask
 
 

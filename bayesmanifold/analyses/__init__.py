@@ -35,7 +35,7 @@ _WHERE = {
     "specialization": "responsibility",
     "value_update_alignment": "responsibility",
     "positive_feedback_probe": "responsibility",
-    "DynamicsMonitor": "dynamics",
+    "DynamicsMonitor": "monitor",
     "DynamicsResult": "dynamics",
     "replay": "dynamics",
     "Paper3Result": "paper3",

@@ -6,19 +6,8 @@ value gradient Σ_i α_ij u_i persists, so attention patterns stabilise long bef
 refining. The authors' note on the bijection model: the frame plateaus by step ~2,500 while
 calibration improves ~40× over the next ~47.5k steps.
 
-:class:`DynamicsMonitor` is a training callback (``on_step(model, step)``) that records, on a
-fixed probe batch every ``every`` steps, per layer and head:
-
-- attention drift: mean Jensen–Shannon *distance* √JSD (JSD in nats) between the pattern rows at
-  this and the previous checkpoint (at the selected query positions). The distance, not the
-  divergence: JSD is quadratic in small changes while the value drift is linear, and comparing a
-  quadratic with a linear drift would make the frame look stable too early;
-- value drift: ‖v_t − v_prev‖ / ‖v_prev‖ per kv head (all valid key positions);
-- routing- and value-gradient norms ‖∂L/∂s‖ and ‖∂L/∂v‖ (via :func:`bayesmanifold.hooks.capture`);
-- frame metrics: key orthogonality (hypothesis-token keys if ``key_token_ids`` is given, else the
-  W_K-column definition) and attention entropy per layer;
-- precision metrics: ``calibration_fn(model)`` (e.g. entropy-calibration MAE on a wind tunnel) and
-  the value-manifold PC1 share (standardised concatenated values of ``value_layer``).
+The series are recorded by :class:`bayesmanifold.analyses.monitor.DynamicsMonitor` (a training
+callback) or by :func:`replay` of saved weight snapshots; this module holds their reading.
 
 Stabilisation. Drifts are divided by the number of steps since the previous checkpoint (a rate,
 so unevenly spaced snapshots compare). A series' *early level* is its peak rate (with
@@ -31,12 +20,12 @@ over layers and heads). The dissociation ratio is precision step / frame step (>
 settles first). A decaying learning-rate schedule lowers both rates; the ratio is what compares.
 
 Settling (a second, level-based reading, robust to the noise floor of Adam-like optimisers where
-the drift *rate* never falls far): with ``keep_history=True`` the monitor keeps the probe's
-patterns and values (float16) and measures each checkpoint's distance to the *latest* one, for the
-frame (mean JS distance of the pattern rows) and for precision (‖v_t − v_T‖/‖v_T‖), and, if a
-calibration function is given, |log c_t − log c_T|. A series has settled at the first checkpoint
+the drift *rate* never falls far): each checkpoint's distance to the *latest* one, for the frame
+(mean JS distance of the pattern rows) and for precision (‖v_t − v_T‖/‖v_T‖), and, if a
+calibration function was given, |log c_t − log c_T|. A series has settled at the first checkpoint
 from which it stays ≤ ``settle_tol`` (default 0.1) × its largest value, over at least two
-checkpoints before the last (which is 0 by construction).
+checkpoints before the last (which is 0 by construction). Both rules live in
+:mod:`bayesmanifold.analyses.stats`.
 
 :func:`replay` feeds saved weight snapshots (``<checkpoint>/snapshots/step_XXXXXX.pt``) through a
 monitor after training.
@@ -44,116 +33,23 @@ monitor after training.
 
 import copy
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from jaxtyping import Int
-from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, InputError
-from .geometry import key_orthogonality, pattern_entropy
-from .manifold import (
-    ManifoldAccumulator,
-    Positions,
-    _as_tokens,
-    _forward_capture,
-    _hook_model_check,
-    _n_kv_heads,
-    _norm_layer,
-    _position_mask,
-)
+from ..errors import CheckpointError, InputError
+from ..hooks.access import model_access
+from ..hooks.loading import load_fitting_state_dict
+from .stats import settling_step, stabilization_step
 
-__all__ = ["DynamicsMonitor", "DynamicsResult", "replay", "stabilization_step", "settling_step", "js_divergence"]
+if TYPE_CHECKING:
+    from .monitor import DynamicsMonitor
 
-
-def js_divergence(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen–Shannon divergence (nats) between distributions along the last dim; in [0, ln 2]."""
-    p, q = p.double(), q.double()
-    m = 0.5 * (p + q)
-
-    def kl(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-300)) - torch.log(b.clamp_min(1e-300))), torch.zeros_like(a)).sum(-1)
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
-def stabilization_step(
-    steps: Sequence[int], series: Sequence[float], *, fraction: float = 0.1, early_window: int | None = None, min_stable: int = 2
-) -> int | None:
-    """First step from which ``series`` stays below ``fraction`` × its early level (see module doc).
-
-    The early level is the series' peak (``early_window=None``) or the maximum of its first
-    ``early_window`` values. NaN entries (e.g. the first checkpoint, which has no predecessor) are
-    skipped. Returns None if the series never stabilises, if the stable stretch at the end has
-    fewer than ``min_stable`` checkpoints (a last point alone is no evidence: right-censored), or
-    if there are fewer than 2 finite values (or fewer than ``early_window + 1``).
-    """
-    s = np.asarray(series, dtype=float)
-    st = np.asarray(steps)
-    ok = np.isfinite(s)
-    s, st = s[ok], st[ok]
-    if len(s) < (2 if early_window is None else early_window + 1):
-        return None
-    early = float(np.max(s if early_window is None else s[:early_window]))
-    if early <= 0:
-        return int(st[0])
-    below = s < fraction * early
-    # suffix-all: stable from index i if all below[i:]
-    stable_from = None
-    for i in range(len(s) - 1, -1, -1):
-        if below[i]:
-            stable_from = i
-        else:
-            break
-    if stable_from is None or len(s) - stable_from < min_stable:
-        return None
-    return int(st[stable_from])
-
-
-def settling_step(steps: Sequence[int], distance: Sequence[float], *, tol: float = 0.1, min_stable: int = 2) -> int | None:
-    """First step from which a distance-to-final series stays ≤ ``tol`` × its maximum.
-
-    The last checkpoint (distance 0 by construction) is left out; the stable stretch before it
-    must hold at least ``min_stable`` checkpoints. NaNs are skipped.
-    """
-    d = np.asarray(distance, dtype=float)[:-1]
-    st = np.asarray(steps)[:-1]
-    ok = np.isfinite(d)
-    d, st = d[ok], st[ok]
-    if len(d) < min_stable + 1 or np.max(d) <= 0:
-        return None
-    below = d <= tol * np.max(d)
-    i = len(d)
-    while i > 0 and below[i - 1]:
-        i -= 1
-    return None if len(d) - i < min_stable else int(st[i])
-
-
-class _GradNorms:
-    """Capture accumulator: ‖∂L/∂s‖ per query head and ‖∂L/∂v‖ per kv head, per layer."""
-
-    def __init__(self, n_layers: int, n_heads: int, n_kv: int) -> None:
-        self.s = np.zeros((n_layers, n_heads))
-        self.v = np.zeros((n_layers, n_kv))
-
-    def update(self, bundle: Any) -> None:
-        gs = bundle.grad_scores.detach().double()
-        for j, h in enumerate(bundle.heads):
-            self.s[bundle.layer, h] += float((gs[:, j] ** 2).sum())
-        gv = bundle.grad_values.detach().double()
-        self.v[bundle.layer] += (gv**2).sum((0, 1, 3)).cpu().numpy()
-
-    def merge(self, other: "_GradNorms") -> "_GradNorms":
-        self.s += other.s
-        self.v += other.v
-        return self
-
-    def finalize(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.sqrt(self.s), np.sqrt(self.v)
+__all__ = ["DynamicsResult", "replay"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,6 +150,10 @@ class DynamicsResult:
             "settling_ratio": self.settling_ratio,
             "settle_tol": self.settle_tol,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the series (:meth:`to_state`, NaN as float) and the :meth:`summary`."""
+        return {**self.to_state(), **self.summary()}
 
     def to_dataframe(self):
         """Tidy: one row per (step, metric, layer, head); layer/head −1 where not applicable."""
@@ -393,226 +293,6 @@ class DynamicsResult:
         )
 
 
-@dataclass
-class _Record:
-    step: int
-    attention_drift: np.ndarray
-    value_drift: np.ndarray
-    grad_s: np.ndarray
-    grad_v: np.ndarray
-    key_orth: np.ndarray
-    entropy: np.ndarray
-    value_pc1: float
-    loss: float
-    calibration: float | None
-    extra: dict = field(default_factory=dict)
-
-
-class DynamicsMonitor:
-    """Training callback recording frame and precision dynamics on a fixed probe batch.
-
-    Args:
-        probe_tokens: Int[batch, pos] fixed probe inputs (keep it small: e.g. 32 sequences).
-        every: record when ``step % every == 0``.
-        attention_mask: optional padding mask of the probe.
-        query_positions: where attention drift/entropy and value PCA are read ("all", "last",
-            an int, list, Int[batch] or Bool[batch, pos]; see manifold._position_mask).
-        objective: ``fn(logits, tokens) -> scalar`` for the gradient norms (default next-token loss).
-        key_token_ids: hypothesis tokens for the token-key orthogonality (else W_K columns).
-        calibration_fn: ``fn(model) -> float`` precision metric (e.g. calibration MAE in bits).
-        value_layer: layer whose concatenated values give the PC1 share.
-        drift_fraction, early_window: stabilisation rule (module docstring).
-        gradients: also record gradient norms via capture (one forward+backward per checkpoint).
-        keep_history: keep the probe's patterns and values of every checkpoint (float16, CPU) for
-            the distance-to-final (settling) series; memory grows with checkpoints × probe size.
-        settle_tol: tolerance of the settling rule (module docstring).
-
-    Example:
-        >>> mon = DynamicsMonitor(probe, every=100, calibration_fn=lambda m: task.calibration(m))  # doctest: +SKIP
-        >>> for step in range(n): ...; mon.on_step(model, step)  # doctest: +SKIP
-        >>> res = mon.result(); res.plot()  # doctest: +SKIP
-    """
-
-    #: key under which a training loop stores :meth:`state` (``history["callbacks"][name]``)
-    name = "dynamics"
-
-    def __init__(
-        self,
-        probe_tokens: Int[Tensor, "batch pos"],
-        *,
-        every: int = 100,
-        attention_mask: Tensor | None = None,
-        query_positions: Positions = "all",
-        objective: Callable[[Tensor, Tensor], Tensor] | None = None,
-        key_token_ids: Sequence[int] | None = None,
-        calibration_fn: Callable[[Any], float] | None = None,
-        value_layer: int = -1,
-        drift_fraction: float = 0.1,
-        early_window: int | None = None,
-        gradients: bool = True,
-        keep_history: bool = True,
-        settle_tol: float = 0.1,
-    ) -> None:
-        if int(every) < 1:
-            raise ConfigError(f"every must be ≥ 1, got {every}")
-        if not 0 < drift_fraction < 1:
-            raise ConfigError(f"drift_fraction must lie in (0, 1), got {drift_fraction}")
-        if early_window is not None and int(early_window) < 1:
-            raise ConfigError(f"early_window must be ≥ 1 or None (the peak), got {early_window}")
-        t = torch.as_tensor(probe_tokens)
-        if t.dim() == 1:
-            t = t[None]
-        if t.dim() != 2 or t.dtype.is_floating_point:
-            raise InputError(f"probe_tokens must be integer token ids [batch, pos], got {tuple(t.shape)} {t.dtype}")
-        self.probe = t.long().cpu()
-        self.every = int(every)
-        self.attention_mask = attention_mask
-        self.query_positions = query_positions
-        self.objective = objective
-        self.key_token_ids = None if key_token_ids is None else [int(x) for x in key_token_ids]
-        self.calibration_fn = calibration_fn
-        self.value_layer = value_layer
-        self.drift_fraction = float(drift_fraction)
-        self.early_window = None if early_window is None else int(early_window)
-        self.gradients = gradients
-        self.keep_history = keep_history
-        self.settle_tol = float(settle_tol)
-        self._hist: list[tuple[list[Tensor], list[Tensor]]] = []
-        self.records: list[_Record] = []
-        self._prev_patterns: list[Tensor] | None = None
-        self._prev_values: list[Tensor] | None = None
-
-    # -- callback protocol
-    def on_step(self, model: Any, step: int) -> None:
-        """Record if ``step % every == 0`` (call after the optimizer step)."""
-        if int(step) % self.every == 0:
-            self.record(model, int(step))
-
-    def record(self, model: Any, step: int) -> None:
-        """Record one checkpoint now, whatever the step."""
-        _hook_model_check(model)
-        if self.records and step <= self.records[-1].step:
-            raise InputError(f"steps must increase: got {step} after {self.records[-1].step}")
-        was_training = model.training
-        model.eval()
-        try:
-            self._record(model, step)
-        finally:
-            model.train(was_training)
-
-    def _record(self, model: Any, step: int) -> None:
-        toks = _as_tokens(model, self.probe)
-        L, H, KV = model.cfg.n_layers, model.cfg.n_heads, _n_kv_heads(model)
-        names_p = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
-        names_v = [f"blocks.{layer}.attn.hook_v" for layer in range(L)]
-        store, _ = _forward_capture(model, toks, names_p + names_v, self.attention_mask)
-        qmask = _position_mask(self.query_positions, toks.shape[0], toks.shape[1], self.attention_mask)
-        kmask = _position_mask("all", toks.shape[0], toks.shape[1], self.attention_mask)
-        pats = [store[n].to("cpu", torch.float32) for n in names_p]
-        vals = [store[n].to("cpu", torch.float32) for n in names_v]
-        ad = np.full((L, H), np.nan)
-        vd = np.full((L, KV), np.nan)
-        ent = np.zeros(L)
-        for layer in range(L):
-            rows = pats[layer].permute(0, 2, 1, 3)[qmask]  # n h k
-            ent[layer] = float(pattern_entropy(rows).mean())
-            if self._prev_patterns is not None:
-                prev = self._prev_patterns[layer].permute(0, 2, 1, 3)[qmask]
-                ad[layer] = js_divergence(rows, prev).clamp_min(0).sqrt().mean(0).numpy()
-                v0, v1 = self._prev_values[layer][kmask].double(), vals[layer][kmask].double()  # n kv d
-                vd[layer] = ((v1 - v0).norm(dim=(0, 2)) / v0.norm(dim=(0, 2)).clamp_min(1e-30)).numpy()
-        self._prev_patterns, self._prev_values = pats, vals
-        if self.keep_history:
-            self._hist.append(
-                (
-                    [p.permute(0, 2, 1, 3)[qmask].half() for p in pats],
-                    [v[kmask].half() for v in vals],
-                )
-            )
-        # value manifold PC1 share
-        vl = _norm_layer(model, self.value_layer)
-        feats = vals[vl][qmask].flatten(1)
-        pc1 = float("nan")
-        if feats.shape[0] >= 2:
-            acc = ManifoldAccumulator(standardize=True, keep_samples=False)
-            acc.update(feats)
-            try:
-                pc1 = acc.finalize().pc1_share
-            except InputError:
-                pc1 = float("nan")
-        # frame: key orthogonality
-        if self.key_token_ids is not None:
-            ko = key_orthogonality(model, definition="tokens", token_ids=self.key_token_ids, random_init_baseline=False).per_layer
-        else:
-            ko = key_orthogonality(model, definition="columns", random_init_baseline=False).per_layer
-        # gradients
-        gs, gv, loss = np.full((L, H), np.nan), np.full((L, KV), np.nan), float("nan")
-        if self.gradients:
-            from ..hooks import capture
-
-            acc_g = _GradNorms(L, H, KV)
-            with capture(model, accumulators=[acc_g], objective=self.objective) as cap:
-                loss = cap.run(toks, attention_mask=self.attention_mask)
-            gs, gv = acc_g.finalize()
-        cal = None
-        if self.calibration_fn is not None:
-            with torch.no_grad():
-                cal = float(self.calibration_fn(model))
-        self.records.append(
-            _Record(step=step, attention_drift=ad, value_drift=vd, grad_s=gs, grad_v=gv, key_orth=np.asarray(ko), entropy=ent, value_pc1=pc1, loss=loss, calibration=cal)
-        )
-
-    # -- results
-    def result(self) -> DynamicsResult:
-        """The series so far, with stabilisation steps."""
-        if not self.records:
-            raise InputError("the monitor has recorded nothing yet (no step was a multiple of `every`)")
-        return DynamicsResult.from_state(self.state())
-
-    def _distances_to_final(self) -> tuple[list[float], list[float]] | tuple[None, None]:
-        if not self.keep_history or len(self._hist) != len(self.records) or not self._hist:
-            return None, None
-        fin_p, fin_v = self._hist[-1]
-        fd, vd = [], []
-        for pats, vals in self._hist:
-            fd.append(float(np.mean([float(js_divergence(a.double(), b.double()).clamp_min(0).sqrt().mean()) for a, b in zip(pats, fin_p)])))
-            vd.append(
-                float(
-                    np.mean(
-                        [
-                            float(((a.double() - b.double()).norm(dim=(0, 2)) / b.double().norm(dim=(0, 2)).clamp_min(1e-30)).mean())
-                            for a, b in zip(vals, fin_v)
-                        ]
-                    )
-                )
-            )
-        return fd, vd
-
-    def state(self) -> dict[str, Any]:
-        """JSON-able series (what a training loop stores beside its history)."""
-        R = self.records
-        fd, vd = self._distances_to_final()
-        cal = [r.calibration for r in R]
-        return {
-            "steps": [r.step for r in R],
-            "attention_drift": [r.attention_drift.tolist() for r in R],
-            "value_drift": [r.value_drift.tolist() for r in R],
-            "grad_scores_norm": [r.grad_s.tolist() for r in R],
-            "grad_values_norm": [r.grad_v.tolist() for r in R],
-            "key_orthogonality": [np.asarray(r.key_orth).tolist() for r in R],
-            "attention_entropy": [r.entropy.tolist() for r in R],
-            "value_pc1": [r.value_pc1 for r in R],
-            "loss": [r.loss for r in R],
-            "calibration": None if any(c is None for c in cal) else cal,
-            "drift_fraction": self.drift_fraction,
-            "early_window": self.early_window,
-            "key_definition": "tokens" if self.key_token_ids is not None else "columns",
-            "frame_distance_to_final": fd,
-            "value_distance_to_final": vd,
-            "settle_tol": self.settle_tol,
-        }
-
-
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")
 
 
@@ -642,7 +322,7 @@ def _snapshot_list(snapshots: str | Path | Iterable[str | Path]) -> list[tuple[i
 def replay(
     snapshots: str | Path | Iterable[str | Path],
     model: Any,
-    monitor: DynamicsMonitor | None = None,
+    monitor: "DynamicsMonitor | None" = None,
     *,
     max_snapshots: int | None = None,
     max_step: int | None = None,
@@ -660,7 +340,7 @@ def replay(
         max_step: only snapshots up to this step (e.g. the end of a multi-stage run's first,
             from-scratch stage: a warm start with a fresh optimiser restarts the drifts).
     """
-    _hook_model_check(model)
+    model_access(model)  # a hooked model, or ModelError before any file is read
     snaps = _snapshot_list(snapshots)
     if max_step is not None:
         kept = [(st, f) for st, f in snaps if st <= max_step]
@@ -673,9 +353,9 @@ def replay(
     if monitor is None:
         if "probe_tokens" not in monitor_kwargs:
             raise InputError("replay needs a monitor or probe_tokens=... to build one")
-        monitor = DynamicsMonitor(**monitor_kwargs)
-    from ..models.checkpoint import load_fitting_state_dict
+        from .monitor import DynamicsMonitor
 
+        monitor = DynamicsMonitor(**monitor_kwargs)
     work = copy.deepcopy(model)
     for step, path in snaps:
         try:

@@ -101,6 +101,7 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
     from ..analyses import dynamics as dyn
     from ..analyses.geometry import attention_entropy, key_orthogonality, query_key_alignment
     from ..analyses.manifold import ManifoldAccumulator, collect_features, describe_features
+    from ..analyses.monitor import DynamicsMonitor
     from ..analyses.responsibility import specialization
 
     batch = task.sample(int(args.n_seqs), generator=int(args.seed))
@@ -173,7 +174,7 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
             def cal(mod: Any) -> float:
                 return float(measure_calibration(mod, task, n_seqs=256, generator=int(args.seed) + 2).entropy_mae_bits)
 
-            mon = dyn.DynamicsMonitor(probe, every=1, query_positions=pm, key_token_ids=task.answer_tokens.tolist(), calibration_fn=cal)
+            mon = DynamicsMonitor(probe, every=1, query_positions=pm, key_token_ids=task.answer_tokens.tolist(), calibration_fn=cal)
             from ..models.checkpoint import read_config
 
             max_step, which = _replay_range(read_config(ckpt_dir), getattr(args, "dynamics_range", "first-stage"))

@@ -8,14 +8,9 @@ import pytest
 import torch
 from helpers import hook_count, make_model
 
-from bayesmanifold.analyses.dynamics import (
-    DynamicsMonitor,
-    DynamicsResult,
-    js_divergence,
-    replay,
-    settling_step,
-    stabilization_step,
-)
+from bayesmanifold.analyses.dynamics import DynamicsResult, replay
+from bayesmanifold.analyses.monitor import DynamicsMonitor
+from bayesmanifold.analyses.stats import js_divergence, settling_step, stabilization_step
 from bayesmanifold.errors import CheckpointError, ConfigError, InputError
 
 
@@ -86,6 +81,8 @@ def test_monitor_on_tiny_training_run_and_replay(gen, tmp_path):
     np.testing.assert_allclose(back.attention_drift, res.attention_drift, equal_nan=True)
     assert back.frame_stabilization_step == res.frame_stabilization_step
     assert len(res.to_dataframe()) > 0
+    d = json.loads(json.dumps(res.to_dict()))  # JSON-safe, NaN as float
+    assert d["steps"] == [0, 5, 10, 15, 20, 25, 30] and d["frame_stabilization_step"] == res.frame_stabilization_step
     assert res.frame_distance_to_final.shape == (7,) and res.frame_distance_to_final[-1] == 0
     assert res.value_distance_to_final[0] > res.value_distance_to_final[-2] > 0
     np.testing.assert_allclose(back.value_distance_to_final, res.value_distance_to_final)
@@ -103,7 +100,8 @@ def test_monitor_on_tiny_training_run_and_replay(gen, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    res.plot()
+    ax = res.plot()
+    assert ax is not None
 
 
 def test_monitor_errors(tmp_path):
@@ -140,3 +138,37 @@ def test_two_timescale_example_quick_mode():
     spec.loader.exec_module(mod)
     s = mod.main(["--quick", "--steps", "20", "--every", "5"])
     assert s["n_checkpoints"] == 5 and 0 <= s["final_calibration"] < 3
+
+
+def test_monitor_one_forward_pass_per_snapshot_and_forward_only(gen):
+    """Patterns, values and gradient norms come from one pass; gradients=False is forward-only."""
+    model = make_model(dtype=torch.float32, n_key_value_heads=2)
+    probe = torch.randint(0, 50, (3, 8), generator=gen)
+    calls = []
+    handle = model.embed.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    try:
+        with_grads = DynamicsMonitor(probe, every=1)
+        with_grads.record(model, 0)
+        assert len(calls) == 1
+        calls.clear()
+        fwd = DynamicsMonitor(probe, every=1, gradients=False)
+        fwd.record(model, 0)
+        assert calls == [False]
+    finally:
+        handle.remove()
+    a, b = with_grads.records[0], fwd.records[0]
+    np.testing.assert_array_equal(a.entropy, b.entropy)  # same patterns with and without backward
+    assert np.isnan(b.grad_s).all() and np.isnan(b.loss) and (a.grad_v > 0).all()
+    assert a.value_drift.shape == (2, 2) and a.grad_v.shape == (2, 2)  # per kv head under GQA
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_monitor_rejects_non_hooked_models_and_bad_value_layer():
+    from bayesmanifold.errors import ModelError, SelectionError
+
+    mon = DynamicsMonitor(torch.zeros(1, 4, dtype=torch.long), value_layer=5)
+    with pytest.raises(ModelError):
+        mon.record(torch.nn.Linear(2, 2), 0)
+    with pytest.raises(SelectionError, match="out of range"):
+        mon.record(make_model(dtype=torch.float32), 0)
+    assert not mon.records
