@@ -102,7 +102,7 @@ def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: d
     from ..analyses.geometry import attention_entropy, key_orthogonality, query_key_alignment
     from ..analyses.manifold import ManifoldAccumulator, collect_features, describe_features
     from ..analyses.monitor import DynamicsMonitor
-    from ..analyses.responsibility import specialization
+    from ..analyses.specialization import specialization
 
     batch = task.sample(int(args.n_seqs), generator=int(args.seed))
     toks = batch.tokens
@@ -212,7 +212,7 @@ def _replay_range(cfg: dict, how: str) -> tuple[int | None, str]:
 def text_suite(model: Any, args: argparse.Namespace, out: Path | None, figs: list[str]) -> dict:
     from ..analyses.geometry import attention_entropy, key_orthogonality
     from ..analyses.paper3 import paper3_protocol, read_prompts, tokenize_prompt
-    from ..analyses.responsibility import specialization
+    from ..analyses.specialization import specialization
 
     res: dict[str, Any] = {"mode": "prompts" if args.prompts else "random-tokens"}
     if args.prompts:
