@@ -1,0 +1,27 @@
+"""``bayesmanifold merge``: combine scans of disjoint shards that ran apart (array jobs, machines)."""
+
+import argparse
+
+from ..corpus import merge_runs
+from .common import add_json_arg, write_json
+from .scan import print_result
+
+NAME = "merge"
+HELP = "merge finished 'bayesmanifold scan --shard K/N' runs of one corpus into one result"
+EXAMPLE = "bayesmanifold merge scan-0/ scan-1/ --out scan/ --json scan.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of finished scans (same model, data and configuration)")
+    p.add_argument("--out", metavar="DIR", help="write the merged heads.csv, summary.json, figures, index.html and state here")
+    add_json_arg(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    res = merge_runs(args.dirs, out=args.out)
+    print_result(res, f"merge of {len(args.dirs)} scans")
+    if not res.summary.get("covers_whole_corpus", True):
+        s = res.summary
+        print(f"note: the parts cover batches {s['batches']} of 0..{s['n_batches_total'] - 1}, not the whole corpus")
+    write_json(args.json, res.to_dict())
+    return 0
