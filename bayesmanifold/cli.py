@@ -25,6 +25,8 @@ COMMAND_MODULES: list[str] = [
     "calibrate",
     "checkpoints",
     "reproduce",
+    "scan",
+    "merge",
 ]
 
 
