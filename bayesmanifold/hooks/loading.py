@@ -166,3 +166,19 @@ def load_fitting_state_dict(model: nn.Module, sd: Any, where: str) -> None:
     keep = {k: v.to(ref[k].dtype) for k, v in sd.items()
             if k in params or (k in ref and torch.is_tensor(v) and tuple(v.shape) == tuple(ref[k].shape))}
     model.load_state_dict(keep, strict=False)
+
+
+def fresh_like(model: Any, seed: int = 0) -> Any:
+    """A newly initialised ``HookedTransformer`` with ``model``'s config, on CPU.
+
+    Seeded inside ``torch.random.fork_rng``: the global RNG is left as found (TransformerLens's
+    ``seed=`` config field would reseed it, so it is cleared).
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    d = model.cfg.to_dict()
+    d.update(seed=None, init_weights=True, device="cpu")
+    cfg = HookedTransformerConfig.from_dict(d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HookedTransformer(cfg)
