@@ -1,4 +1,4 @@
-"""Value manifolds: how many directions the representations at the prediction positions use.
+"""Value manifolds: how many directions a set of representations uses (a streaming PCA).
 
 Paper I (arXiv 2512.22471, "Bayesian wind tunnels") reports that the final-layer representations
 at each prefix's last position lie on a nearly one-dimensional manifold whose first principal
@@ -6,211 +6,49 @@ component tracks the Bayesian posterior entropy (PC1 84–90% of the variance, P
 Paper III (arXiv 2512.23752) measures the same in pretrained LLMs on *standardised, concatenated
 per-head values* at the final token: PC1, PC1+PC2 and the participation ratio (Σλ)²/Σλ².
 
-This module provides
-
-- :class:`ManifoldAccumulator`: a mergeable streaming PCA (sums of x and xxᵀ in float64, so
-  merged partial results equal the one-pass result up to floating-point summation order), with
-  optional per-coordinate standardisation;
-- :func:`collect_features`: pulls the features from a TransformerLens model with scoped forward
-  hooks: per-head values (``hook_v``), concatenated values, head outputs (``hook_z``) or the
-  residual stream; the result records which one was used;
-- :func:`value_manifold`: both together over a stream of batches.
+This module holds the PCA only: :class:`ManifoldAccumulator`, a mergeable streaming PCA (sums of
+x and xxᵀ in float64, so merged partial results equal the one-pass result up to floating-point
+summation order) with optional per-coordinate standardisation, and its :class:`ManifoldResult`.
+Which representation is fed to it (values, head outputs, the residual stream) is the business of
+:mod:`bayesmanifold.analyses.features`.
 
 Constant features under standardisation: they carry no variance, and dividing by a zero standard
 deviation is undefined, so they are **dropped** (their number is reported in
 ``ManifoldResult.n_dropped_constant``). If every feature is constant an :class:`InputError` is
 raised. A feature counts as constant when its variance is ≤ ``1e-12 ×`` the largest feature
 variance (or exactly 0).
+
+Fewer samples than features: n samples span at most n − 1 directions, so with n ≤ d the
+covariance is rank-limited and the leading shares are inflated (two samples always give
+PC1 = 100%). :meth:`ManifoldAccumulator.finalize` then warns, naming the counts, and the result
+records ``rank_limited=True``.
 """
 
-import contextlib
-from collections.abc import Callable, Iterable, Sequence
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import InputError, SelectionError
+from ..errors import InputError
+from .stats import pearson, spearman
 
-__all__ = [
-    "ManifoldAccumulator",
-    "ManifoldResult",
-    "collect_features",
-    "value_manifold",
-    "FeatureKind",
-]
-
-FeatureKind = Literal["values", "values_concat", "head_outputs", "residual"]
-Positions = int | str | Sequence[int] | Tensor | None
+__all__ = ["ManifoldAccumulator", "ManifoldResult", "RankLimitedWarning", "spectrum_stats", "MAX_COV_FEATURES"]
 
 # Above this many features the d×d covariance is not accumulated; the kept samples are
 # decomposed with scikit-learn's PCA instead (same spectrum, n×d memory).
 MAX_COV_FEATURES = 4096
 
 
-# ---------------------------------------------------------------------------------------------
-# small shared helpers (used by the other analyses modules too)
+class RankLimitedWarning(UserWarning):
+    """A PCA with no more samples than features: its covariance is rank-limited, its shares inflated."""
 
 
-def _hook_model_check(model: Any) -> None:
-    if not hasattr(model, "cfg") or not hasattr(model, "hooks") or not hasattr(model, "blocks"):
-        from ..errors import ModelError
-
-        raise ModelError(
-            f"expected a transformer_lens HookedTransformer (with .cfg, .blocks and .hooks()), "
-            f"got {type(model).__name__}"
-        )
-
-
-def _n_kv_heads(model: Any) -> int:
-    n_kv = getattr(model.cfg, "n_key_value_heads", None)
-    return int(n_kv) if n_kv else int(model.cfg.n_heads)
-
-
-def _kv_of_head(model: Any, head: int) -> int:
-    """The key/value head used by query head ``head`` (GQA: h // (n_heads // n_kv))."""
-    return head // (model.cfg.n_heads // _n_kv_heads(model))
-
-
-def _norm_layer(model: Any, layer: int) -> int:
-    n = model.cfg.n_layers
-    if not -n <= int(layer) < n:
-        raise SelectionError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1} or negative)")
-    return int(layer) % n
-
-
-def _norm_layers(model: Any, layers: Iterable[int] | int | None) -> list[int]:
-    if layers is None:
-        return list(range(model.cfg.n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = [_norm_layer(model, x) for x in layers]
-    if not out:
-        raise SelectionError("layers is empty; give at least one layer or None for all")
-    return out
-
-
-def _norm_heads(model: Any, heads: Iterable[int] | int | None, n: int | None = None) -> list[int]:
-    n = int(model.cfg.n_heads) if n is None else n
-    if heads is None:
-        return list(range(n))
-    if isinstance(heads, int):
-        heads = [heads]
-    out = []
-    for h in heads:
-        if not -n <= int(h) < n:
-            raise SelectionError(f"head {h} out of range: the layer has {n} heads")
-        out.append(int(h) % n)
-    return out
-
-
-def _as_tokens(model: Any, tokens: Any) -> Tensor:
-    if isinstance(tokens, str) or (isinstance(tokens, list) and tokens and isinstance(tokens[0], str)):
-        if getattr(model, "tokenizer", None) is None:
-            raise InputError("got text but the model has no tokenizer; pass token ids Int[batch, pos]")
-        tokens = model.to_tokens(tokens, truncate=False)  # TL would truncate to n_ctx silently
-    t = torch.as_tensor(tokens)
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InputError(f"tokens must be an integer tensor [batch, pos], got dtype {t.dtype} shape {tuple(t.shape)}")
-    if t.shape[1] > model.cfg.n_ctx:
-        raise InputError(f"tokens have {t.shape[1]} positions but the model's context is n_ctx={model.cfg.n_ctx}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= model.cfg.d_vocab):
-        raise InputError(f"token ids must lie in 0..{model.cfg.d_vocab - 1}, got {int(t.min())}..{int(t.max())}")
-    return t.long()
-
-
-def _position_mask(
-    positions: Positions,
-    batch: int,
-    n_pos: int,
-    attention_mask: Tensor | None = None,
-) -> Bool[Tensor, "batch pos"]:
-    """Turn a position selection into a boolean mask [batch, pos].
-
-    Accepted: ``None`` or ``"all"`` (every valid position), ``"last"`` (the last valid position of
-    each row; with an attention mask, the last non-padded one), an int (negative counts from the
-    end), a list of ints, an Int[batch] tensor (one position per row) or a Bool[batch, pos] mask.
-    """
-    valid = torch.ones(batch, n_pos, dtype=torch.bool)
-    if attention_mask is not None:
-        valid = attention_mask.detach().to("cpu").bool()
-    if positions is None or (isinstance(positions, str) and positions == "all"):
-        return valid
-    if isinstance(positions, str):
-        if positions != "last":
-            raise InputError(f"positions {positions!r} not understood: use 'last', 'all', an int, a list, an Int[batch] or Bool[batch, pos] tensor")
-        out = torch.zeros(batch, n_pos, dtype=torch.bool)
-        # last valid position (works for left or right padding)
-        idx = torch.arange(n_pos).expand(batch, n_pos)
-        last = torch.where(valid, idx, torch.full_like(idx, -1)).max(dim=1).values
-        if (last < 0).any():
-            raise InputError("a row has no valid position (attention_mask all zero)")
-        out[torch.arange(batch), last] = True
-        return out
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        if tuple(positions.shape) != (batch, n_pos):
-            raise InputError(f"boolean positions mask must have shape (batch, pos)=({batch}, {n_pos}), got {tuple(positions.shape)}")
-        return positions.detach().to("cpu") & valid
-    if isinstance(positions, Tensor) and positions.dim() == 1 and positions.shape[0] == batch and batch > 1:
-        pos = positions.detach().to("cpu").long()
-        if ((pos < -n_pos) | (pos >= n_pos)).any():
-            raise InputError(f"per-row positions must lie in -{n_pos}..{n_pos - 1}")
-        out = torch.zeros(batch, n_pos, dtype=torch.bool)
-        out[torch.arange(batch), pos % n_pos] = True
-        return out & valid
-    if isinstance(positions, int | np.integer):
-        positions = [int(positions)]
-    pos_list = [int(p) for p in torch.as_tensor(positions).reshape(-1).tolist()]
-    out = torch.zeros(batch, n_pos, dtype=torch.bool)
-    for p in pos_list:
-        if not -n_pos <= p < n_pos:
-            raise InputError(f"position {p} out of range for sequences of length {n_pos}")
-        out[:, p % n_pos] = True
-    return out & valid
-
-
-@contextlib.contextmanager
-def _scoped_hooks(model: Any, fwd_hooks: list[tuple[str, Callable]]):
-    """Add our forward hooks for the duration of the block; only ours are removed afterwards."""
-    for name, _ in fwd_hooks:
-        if name not in model.hook_dict:
-            raise SelectionError(f"the model has no hook point {name!r}")
-    # TL removes only the hooks of this context level on exit; clear_contexts=False leaves the
-    # user's hook contexts (hook.ctx) alone.
-    with model.hooks(fwd_hooks=fwd_hooks, clear_contexts=False):
-        yield
-
-
-def _forward_capture(
-    model: Any,
-    tokens: Tensor,
-    names: Sequence[str],
-    attention_mask: Tensor | None = None,
-    return_logits: bool = False,
-) -> tuple[dict[str, Tensor], Tensor | None]:
-    """One no-grad forward that stores detached activations at ``names``."""
-    store: dict[str, Tensor] = {}
-
-    def hook(act: Tensor, hook: Any) -> None:
-        store[hook.name] = act.detach()
-
-    device = model.cfg.device
-    toks = tokens.to(device)
-    kwargs: dict[str, Any] = {}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask.to(device)
-    with torch.no_grad(), _scoped_hooks(model, [(n, hook) for n in names]):
-        logits = model(toks, return_type="logits" if return_logits else None, **kwargs)
-    return store, (logits.detach() if return_logits else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# results
+def _json_float(x: float | None) -> float | None:
+    return None if x is None else float(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,6 +66,8 @@ class ManifoldResult:
         spearman_pc1: Spearman ρ between PC1 score and the scalar (sign is arbitrary, as PC1's).
         r2_pc1: R² of a linear fit scalar ~ PC1 (= Pearson r²).
         feature_kind: which representation ("values layer 5 head 2", "residual layer 5", ...).
+        rank_limited: fewer samples than features plus one (n ≤ d): the covariance has rank at
+            most n − 1 < d and the leading shares are inflated (see the module docstring).
     """
 
     explained_variance: np.ndarray
@@ -247,6 +87,7 @@ class ManifoldResult:
     r2_pc1: float | None = None
     feature_kind: str = ""
     scalar_name: str = "scalar"
+    rank_limited: bool = False
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers as a flat JSON-able dict."""
@@ -263,7 +104,20 @@ class ManifoldResult:
             "n_components_95": self.n_components_95,
             "spearman_pc1": self.spearman_pc1,
             "r2_pc1": self.r2_pc1,
+            "rank_limited": self.rank_limited,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the headline numbers, the scalar's name and the spectrum (not the per-sample scores)."""
+        d = self.summary()
+        d.update(
+            spearman_pc1=_json_float(self.spearman_pc1),
+            r2_pc1=_json_float(self.r2_pc1),
+            scalar_name=self.scalar_name,
+            explained_variance=[float(x) for x in self.explained_variance],
+            explained_variance_ratio=[float(x) for x in self.explained_variance_ratio],
+        )
+        return d
 
     def to_dataframe(self):
         """One row per principal component: eigenvalue, share, cumulative share."""
@@ -303,23 +157,6 @@ class ManifoldResult:
             title += f"  ρ(PC1, {self.scalar_name}) = {self.spearman_pc1:+.2f}"
         ax.set_title(title, fontsize=9)
         return ax
-
-
-# ---------------------------------------------------------------------------------------------
-# the accumulator
-
-
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x)
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
-        return float("nan")
-    ra, rb = _rankdata(a), _rankdata(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def spectrum_stats(eigenvalues: np.ndarray) -> dict[str, float | int]:
@@ -463,6 +300,15 @@ class ManifoldAccumulator:
             if not keep.any():
                 raise InputError("every feature is constant: nothing to standardise")
         n_drop = int((~keep).sum())
+        rank_limited = n <= int(keep.sum())
+        if rank_limited:
+            warnings.warn(
+                f"PCA of {n} samples in {int(keep.sum())} features{' (' + self.feature_kind + ')' if self.feature_kind else ''}: "
+                f"the covariance has rank at most {n - 1}, so the leading shares (PC1, PC1+PC2) are inflated; "
+                f"at least {int(keep.sum()) + 1} samples (n_features + 1) are needed for a full-rank covariance",
+                RankLimitedWarning,
+                stacklevel=2,
+            )
         std = np.sqrt(var[keep]) if self.standardize else np.ones(int(keep.sum()))
         X = np.concatenate(self.samples, 0)[:, keep].astype(np.float64) if self.samples else None
         if self.outer is not None:
@@ -492,11 +338,8 @@ class ManifoldAccumulator:
                 scores = np.concatenate([scores, np.zeros((scores.shape[0], 1))], 1)
             if self._has_scalar:
                 scalar = np.concatenate(self.scalars)
-                rho = _spearman(scores[:, 0], scalar)
-                if np.std(scalar) > 0 and np.std(scores[:, 0]) > 0:
-                    r2 = float(np.corrcoef(scores[:, 0], scalar)[0, 1] ** 2)
-                else:
-                    r2 = float("nan")
+                rho = spearman(scores[:, 0], scalar)
+                r2 = pearson(scores[:, 0], scalar) ** 2  # nan when a side is constant
         return ManifoldResult(
             explained_variance=lam,
             explained_variance_ratio=lam / total,
@@ -510,127 +353,7 @@ class ManifoldAccumulator:
             r2_pc1=r2,
             feature_kind=self.feature_kind,
             scalar_name=self.scalar_name,
+            rank_limited=rank_limited,
             **stats,
         )
 
-
-# ---------------------------------------------------------------------------------------------
-# collecting features from a model
-
-
-def _feature_hook(model: Any, kind: str, layer: int) -> str:
-    if kind in ("values", "values_concat"):
-        return f"blocks.{layer}.attn.hook_v"
-    if kind == "head_outputs":
-        return f"blocks.{layer}.attn.hook_z"
-    if kind == "residual":
-        return f"blocks.{layer}.hook_resid_post"
-    raise InputError(f"feature kind {kind!r} not known: use 'values', 'values_concat', 'head_outputs' or 'residual'")
-
-
-def describe_features(model: Any, kind: FeatureKind, layer: int, head: int | None) -> str:
-    """A readable label: which representation, layer and head."""
-    layer = _norm_layer(model, layer)
-    if kind == "values":
-        h = 0 if head is None else head
-        kv = _kv_of_head(model, h)
-        extra = f" (kv head {kv})" if _n_kv_heads(model) != model.cfg.n_heads else ""
-        return f"values (hook_v) layer {layer} head {h}{extra}"
-    if kind == "values_concat":
-        return f"values (hook_v) layer {layer}, {_n_kv_heads(model)} kv heads concatenated"
-    if kind == "head_outputs":
-        return f"head outputs (hook_z) layer {layer}" + (f" head {head}" if head is not None else ", heads concatenated")
-    return f"residual stream (hook_resid_post) layer {layer}"
-
-
-def collect_features(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    *,
-    kind: FeatureKind = "values_concat",
-    layer: int = -1,
-    head: int | None = None,
-    positions: Positions = "last",
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-) -> Float[Tensor, "sample feature"]:
-    """Features at the selected positions of one batch, in row-major (batch, pos) order.
-
-    Args:
-        model: a HookedTransformer.
-        tokens: token ids.
-        kind: ``"values"`` (one head's v, GQA: the kv head of ``head``), ``"values_concat"`` (the
-            layer's values over its kv heads concatenated; under GQA the n_kv distinct value
-            vectors, not the n_heads expanded copies), ``"head_outputs"`` (hook_z, one head or all
-            concatenated) or ``"residual"`` (hook_resid_post of ``layer``).
-        layer: layer index (negative counts from the end).
-        head: query head for ``"values"`` / ``"head_outputs"``.
-        positions: see :func:`_position_mask` ("last", "all", int, list, Int[batch], Bool[batch, pos]).
-        attention_mask: optional padding mask (1 = real token).
-
-    Returns:
-        Float[sample, feature] on CPU (float32).
-    """
-    _hook_model_check(model)
-    layer = _norm_layer(model, layer)
-    toks = _as_tokens(model, tokens)
-    name = _feature_hook(model, kind, layer)
-    if kind == "values":
-        head = _norm_heads(model, 0 if head is None else head)[0]
-    elif kind == "head_outputs" and head is not None:
-        head = _norm_heads(model, head)[0]
-    store, _ = _forward_capture(model, toks, [name], attention_mask)
-    act = store[name].to("cpu", torch.float32)
-    mask = _position_mask(positions, toks.shape[0], toks.shape[1], attention_mask)
-    if kind == "values":
-        act = act[:, :, _kv_of_head(model, head)]
-    elif kind == "head_outputs" and head is not None:
-        act = act[:, :, head]
-    elif act.dim() == 4:
-        act = act.flatten(2)
-    return act[mask]
-
-
-def value_manifold(
-    model: Any,
-    batches: Iterable[Any],
-    *,
-    kind: FeatureKind = "values_concat",
-    layer: int = -1,
-    head: int | None = None,
-    positions: Positions = "last",
-    standardize: bool = True,
-    scalar_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    scalar_name: str = "scalar",
-) -> ManifoldResult:
-    """Stream batches through the model, collect features and run the PCA.
-
-    Args:
-        batches: an iterable of token tensors, of ``(tokens, scalar)`` pairs where ``scalar`` is
-            one number per selected position (row-major order), or of
-            ``(tokens, scalar, positions)`` triples with per-batch positions.
-        scalar_fn: alternatively ``scalar_fn(tokens, mask) -> Float[n]`` giving the scalar for the
-            selected positions (mask is the Bool[batch, pos] selection).
-        Other args: as in :func:`collect_features`.
-
-    Example:
-        >>> res = value_manifold(model, [toks], kind="residual", positions="last")  # doctest: +SKIP
-    """
-    acc = ManifoldAccumulator(
-        standardize=standardize, feature_kind=describe_features(model, kind, layer, head), scalar_name=scalar_name
-    )
-    for item in batches:
-        pos = positions
-        scalar = None
-        if isinstance(item, tuple | list) and not isinstance(item, Tensor):
-            toks = item[0]
-            scalar = item[1] if len(item) > 1 else None
-            if len(item) > 2:
-                pos = item[2]
-        else:
-            toks = item
-        toks = _as_tokens(model, toks)
-        feats = collect_features(model, toks, kind=kind, layer=layer, head=head, positions=pos)
-        if scalar is None and scalar_fn is not None:
-            scalar = scalar_fn(toks, _position_mask(pos, toks.shape[0], toks.shape[1]))
-        acc.update(feats, scalar)
-    return acc.finalize()

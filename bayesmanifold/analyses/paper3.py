@@ -14,11 +14,17 @@ Signature criteria (Paper III): (1) PC1 or PC1+PC2 > 30% (here: in the layer whe
 largest, which is reported); (2) key orthogonality < 0.20 in ≥ 50% of layers; (3) > 30%
 attention-entropy reduction first → last layer.
 
-Prompts run one at a time (no padding, so the final token is the last position). A model without
-a tokenizer but with d_vocab ≥ 256 reads prompts as UTF-8 bytes (as the toy models do).
+Prompts run one at a time (no padding, so the final token is the last position), each in one
+forward-only capture pass that delivers the values and patterns of every layer and the logits
+(for the next-token entropy). A model without a tokenizer but with d_vocab ≥ 256 reads prompts as
+UTF-8 bytes (as the toy models do).
+
+With fewer prompts than value features (n ≤ d) the per-layer PCA is rank-limited and the shares
+are inflated; the result says so (``rank_limited``) and one warning names the counts.
 """
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..errors import InputError
-from .geometry import AttentionEntropyAccumulator, key_orthogonality
-from .manifold import ManifoldAccumulator, _forward_capture, _hook_model_check, _norm_layers
+from ..hooks.access import model_access
+from ..hooks.batch import Batch
+from ..hooks.bundle import OutputBundle
+from ..hooks.capture import capture
+from .attention import AttentionEntropyAccumulator
+from .features import FeatureAccumulator
+from .keys import key_orthogonality
+from .manifold import ManifoldAccumulator, RankLimitedWarning
+from .stats import entropy
 
 __all__ = ["Paper3Result", "paper3_protocol", "read_prompts", "tokenize_prompt"]
 
@@ -53,9 +67,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def tokenize_prompt(model: Any, prompt: str) -> torch.Tensor:
     """Token ids [1, pos] of one prompt (tokenizer, else UTF-8 bytes for byte-vocabulary models)."""
-    if getattr(model, "tokenizer", None) is not None:
-        toks = model.to_tokens(prompt, truncate=False)  # TL truncates to n_ctx silently by default
-    elif model.cfg.d_vocab >= 256:
+    access = model_access(model)
+    if access.tokenizer is not None:
+        toks = access.to_tokens(prompt)
+    elif (access.d_vocab or 0) >= 256:
         toks = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
     else:
         raise InputError("the model has no tokenizer and a vocabulary smaller than 256 bytes; pass a model with a tokenizer")
@@ -75,6 +90,7 @@ class Paper3Result:
     attention_entropy: np.ndarray
     n_prompts: int
     best_layer: int
+    rank_limited: bool = False
 
     @property
     def attention_entropy_reduction(self) -> float:
@@ -111,7 +127,22 @@ class Paper3Result:
             "attention_entropy_reduction": self.attention_entropy_reduction,
             "criteria": self.criteria,
             "n_criteria_met": self.n_criteria_met,
+            "rank_limited": self.rank_limited,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the summary and the per-layer series."""
+        d = self.summary()
+        d.update(
+            layers=[int(x) for x in self.layers],
+            pc1=self.pc1.tolist(),
+            pc12=self.pc12.tolist(),
+            participation_ratio_per_layer=self.participation_ratio.tolist(),
+            spearman_pc1_entropy_per_layer=self.spearman_pc1_entropy.tolist(),
+            key_orthogonality=self.key_orthogonality.tolist(),
+            attention_entropy=self.attention_entropy.tolist(),
+        )
+        return d
 
     def to_dataframe(self):
         import pandas as pd
@@ -163,7 +194,7 @@ def paper3_protocol(
         >>> res = paper3_protocol(model, "prompts.txt")  # doctest: +SKIP
         >>> res.criteria  # doctest: +SKIP
     """
-    _hook_model_check(model)
+    access = model_access(model)
     if isinstance(prompts, str | os.PathLike):
         plist = read_prompts(prompts)
     else:
@@ -172,29 +203,44 @@ def paper3_protocol(
         plist = plist[: int(max_prompts)]
     if len(plist) < 3:
         raise InputError(f"Paper III's PCA over prompts needs at least 3 prompts, got {len(plist)}")
-    layer_list = _norm_layers(model, layers)
+    layer_list = access.norm_layers(layers)
     toks_list = []
     for i, p in enumerate(plist):
         t = tokenize_prompt(model, p)
-        if t.shape[1] > model.cfg.n_ctx:
-            raise InputError(f"prompt {i} has {t.shape[1]} tokens, more than the model's context n_ctx={model.cfg.n_ctx}")
+        if access.n_ctx is not None and t.shape[1] > access.n_ctx:
+            raise InputError(f"prompt {i} has {t.shape[1]} tokens, more than the model's context n_ctx={access.n_ctx}")
         if t.shape[1] == 0:
             raise InputError(f"prompt {i} is empty after tokenisation")
         toks_list.append(t)
-    names_v = [f"blocks.{layer}.attn.hook_v" for layer in layer_list]
-    names_p = [f"blocks.{layer}.attn.hook_pattern" for layer in layer_list]
-    accs = [ManifoldAccumulator(standardize=True, feature_kind=f"values layer {layer}", scalar_name="next-token entropy") for layer in layer_list]
-    ent_acc = AttentionEntropyAccumulator(layer_list, model.cfg.n_heads)
-    for t in toks_list:
-        store, logits = _forward_capture(model, t, names_v + names_p, return_logits=True)
-        lp = torch.log_softmax(logits[0, -1].double(), -1)
-        h_next = float(-(lp.exp() * lp).sum())
-        for k, layer in enumerate(layer_list):
-            v = store[names_v[k]][0, -1].flatten().double().cpu()  # kv heads concatenated
-            accs[k].update(v[None], np.array([h_next]))
-            pat = store[names_p[k]][:, :, -1:, :].double().cpu()  # final query row
-            ent_acc.update(layer, pat, torch.ones(1, 1, dtype=torch.bool))
-    res = [a.finalize() for a in accs]
+    values = [
+        FeatureAccumulator(
+            kind="values_concat",  # the layer's n_kv distinct value vectors, concatenated
+            layer=layer,
+            output_scalar=_next_token_entropy,
+            dtype=torch.float64,
+            pca=ManifoldAccumulator(standardize=True, feature_kind=f"values layer {layer}", scalar_name="next-token entropy"),
+        )
+        for layer in layer_list
+    ]
+    ent_acc = AttentionEntropyAccumulator(layer_list, access.n_heads)
+    with capture(model, accumulators=[*values, ent_acc], layers=layer_list) as cap:
+        for t in toks_list:
+            last = torch.zeros(t.shape, dtype=torch.bool)
+            last[:, -1] = True
+            cap.run(Batch(tokens=t, positions=last))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankLimitedWarning)  # one warning below, not one per layer
+        res = [a.finalize() for a in values]
+    rank_limited = any(r.rank_limited for r in res)
+    if rank_limited:
+        d = max(r.n_features for r in res)
+        warnings.warn(
+            f"Paper III protocol: {len(plist)} prompts for up to {d} value features per layer: the PCA is "
+            f"rank-limited (rank ≤ {len(plist) - 1}) and PC1/PC1+PC2 are inflated; at least {d + 1} prompts "
+            "(n_features + 1) are needed for a full-rank covariance",
+            RankLimitedWarning,
+            stacklevel=2,
+        )
     ko = key_orthogonality(model, definition="columns", layers=layer_list, random_init_baseline=False).per_layer
     ent = ent_acc.finalize().per_layer
     pc12 = np.array([r.pc12_share for r in res])
@@ -208,4 +254,10 @@ def paper3_protocol(
         attention_entropy=np.asarray(ent),
         n_prompts=len(plist),
         best_layer=int(layer_list[int(np.argmax(pc12))]),
+        rank_limited=rank_limited,
     )
+
+
+def _next_token_entropy(out: OutputBundle) -> Tensor:
+    """Entropy (nats) of the next-token distribution at every position, [batch, pos]."""
+    return entropy(torch.softmax(out.logits.double(), -1))

@@ -99,8 +99,10 @@ def _dynamics_from_history(history: dict):
 
 def windtunnel_suite(model: Any, task: Any, args: argparse.Namespace, history: dict, ckpt_dir: Path | None, out: Path | None, figs: list[str]) -> dict:
     from ..analyses import dynamics as dyn
-    from ..analyses.geometry import attention_entropy, key_orthogonality, query_key_alignment
-    from ..analyses.manifold import ManifoldAccumulator, collect_features, describe_features
+    from ..analyses.attention import attention_entropy, query_key_alignment
+    from ..analyses.features import collect_features, describe_features
+    from ..analyses.keys import key_orthogonality
+    from ..analyses.manifold import ManifoldAccumulator
     from ..analyses.monitor import DynamicsMonitor
     from ..analyses.specialization import specialization
 
@@ -210,7 +212,8 @@ def _replay_range(cfg: dict, how: str) -> tuple[int | None, str]:
 
 
 def text_suite(model: Any, args: argparse.Namespace, out: Path | None, figs: list[str]) -> dict:
-    from ..analyses.geometry import attention_entropy, key_orthogonality
+    from ..analyses.attention import attention_entropy
+    from ..analyses.keys import key_orthogonality
     from ..analyses.paper3 import paper3_protocol, read_prompts, tokenize_prompt
     from ..analyses.specialization import specialization
 
@@ -234,7 +237,8 @@ def text_suite(model: Any, args: argparse.Namespace, out: Path | None, figs: lis
         )
         seqs = [tokenize_prompt(model, p) for p in read_prompts(args.prompts)]
     else:
-        from ..analyses.manifold import ManifoldAccumulator, collect_features, describe_features
+        from ..analyses.features import collect_features, describe_features
+        from ..analyses.manifold import ManifoldAccumulator
 
         g = torch.Generator().manual_seed(int(args.seed))
         n_pos = min(32, model.cfg.n_ctx)

@@ -1,4 +1,4 @@
-"""Key orthogonality oracles, attention entropy closed forms, QK alignment, head ablation."""
+"""Attention entropy closed forms and merge, query–key alignment, head ablation, scoped hooks."""
 
 import math
 
@@ -7,73 +7,22 @@ import pytest
 import torch
 from helpers import hook_count, make_model
 
-from bayesmanifold.analyses.geometry import (
+from bayesmanifold.analyses.ablation import head_ablation
+from bayesmanifold.analyses.attention import (
     AttentionEntropyAccumulator,
     attention_entropy,
-    fresh_model,
-    head_ablation,
-    key_orthogonality,
-    mean_offdiag_cosine,
-    pattern_entropy,
     query_key_alignment,
 )
+from bayesmanifold.analyses.keys import key_orthogonality
+from bayesmanifold.analyses.stats import entropy
 from bayesmanifold.errors import InputError
 
 
-def test_offdiag_cosine_orthonormal_and_identical(gen):
-    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
-    assert float(mean_offdiag_cosine(q[:6])) == pytest.approx(0.0, abs=1e-12)
-    same = torch.randn(1, 5, generator=gen).expand(4, 5)
-    assert float(mean_offdiag_cosine(same)) == pytest.approx(1.0, abs=1e-6)
-    # |cos| vs signed: v and -v
-    v = torch.randn(1, 5, generator=gen)
-    pair = torch.cat([v, -v])
-    assert float(mean_offdiag_cosine(pair)) == pytest.approx(-1.0, abs=1e-6)
-    assert float(mean_offdiag_cosine(pair, absolute=True)) == pytest.approx(1.0, abs=1e-6)
-
-
-def test_token_key_orthogonality_matches_manual_computation():
-    model = make_model(dtype=torch.float64)
-    res = key_orthogonality(model, token_ids=range(12), layers=[0, 1], random_init_baseline=False)
-    for layer in (0, 1):
-        x = model.blocks[layer].ln1(model.W_E[:12][None])[0]
-        for h in range(4):
-            k = x @ model.blocks[layer].attn.W_K[h] + model.blocks[layer].attn.b_K[h]
-            kn = k / k.norm(dim=-1, keepdim=True)
-            c = kn @ kn.T
-            expect = ((c.sum() - c.diagonal().sum()) / (12 * 11)).detach()
-            assert res.per_head[layer, h] == pytest.approx(float(expect), abs=1e-10)
-
-
-def test_column_orthogonality_of_orthonormal_WK_is_zero_and_gqa_shape():
-    model = make_model(dtype=torch.float64, n_key_value_heads=2)
-    with torch.no_grad():
-        for layer in range(2):
-            W = model.blocks[layer].attn._W_K
-            for h in range(W.shape[0]):
-                q, _ = torch.linalg.qr(torch.randn(32, 8, dtype=torch.float64))
-                W[h] = q
-    res = key_orthogonality(model, definition="columns", random_init_baseline=True, seed=3)
-    assert res.per_head.shape == (2, 2)
-    np.testing.assert_allclose(res.per_head, 0.0, atol=1e-12)
-    assert 0.05 < res.gaussian < 0.3  # E|cos| of 32-dim Gaussians ~ sqrt(2/(pi*32)) = 0.14
-    assert (res.random_init > 0.01).all()
-    assert len(res.to_dataframe()) == 4
-
-
-def test_fresh_model_is_seeded_and_leaves_global_rng_alone():
-    model = make_model(dtype=torch.float32)
-    state = torch.random.get_rng_state()
-    a, b = fresh_model(model, seed=1), fresh_model(model, seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    torch.testing.assert_close(a.blocks[0].attn.W_K, b.blocks[0].attn.W_K)
-    assert not torch.allclose(a.blocks[0].attn.W_K, model.blocks[0].attn.W_K.float())
-
-
-def test_pattern_entropy_uniform_is_log_n():
+def test_entropy_uniform_is_log_n():
     for n in (1, 3, 17):
-        assert float(pattern_entropy(torch.full((n,), 1.0 / n, dtype=torch.float64))) == pytest.approx(math.log(n), abs=1e-12)
-    assert float(pattern_entropy(torch.tensor([1.0, 0.0, 0.0]))) == 0.0
+        assert float(entropy(torch.full((n,), 1.0 / n, dtype=torch.float64))) == pytest.approx(math.log(n), abs=1e-12)
+    assert float(entropy(torch.tensor([1.0, 0.0, 0.0]))) == 0.0
+
 
 
 def test_attention_entropy_mean_after_entropy_and_merge(gen):
@@ -83,7 +32,7 @@ def test_attention_entropy_mean_after_entropy_and_merge(gen):
     pat[0, 0, 0, 0] = 1.0
     pat[0, 1, 0] = 0.25
     acc = AttentionEntropyAccumulator([0], 2)
-    acc.update(0, pat, torch.ones(1, 1, dtype=torch.bool))
+    acc.add(0, pat, torch.ones(1, 1, dtype=torch.bool))
     res = acc.finalize()
     assert res.per_layer[0] == pytest.approx(math.log(4) / 2)
     model = make_model(dtype=torch.float64)
@@ -100,6 +49,7 @@ def test_attention_entropy_mean_after_entropy_and_merge(gen):
     assert one.reduction == pytest.approx((one.per_layer[0] - one.per_layer[1]) / one.per_layer[0])
 
 
+
 def test_attention_entropy_first_query_is_zero_and_uniform_scores(gen):
     model = make_model(dtype=torch.float64)
     with torch.no_grad():
@@ -110,6 +60,7 @@ def test_attention_entropy_first_query_is_zero_and_uniform_scores(gen):
     res = attention_entropy(model, toks, positions=[0, 8])
     # query 0 sees one key (H = 0), query 8 sees 9 keys uniformly (H = ln 9)
     np.testing.assert_allclose(res.per_head, math.log(9) / 2, rtol=1e-9)
+
 
 
 def test_qk_alignment_and_head_ablation_leave_no_hooks(gen):
@@ -135,6 +86,7 @@ def test_qk_alignment_and_head_ablation_leave_no_hooks(gen):
         key_orthogonality(model, definition="tokens")
 
 
+
 def test_user_hooks_survive_our_scoped_hooks(gen):
     model = make_model(dtype=torch.float32)
     seen = []
@@ -148,3 +100,32 @@ def test_user_hooks_survive_our_scoped_hooks(gen):
     model(toks)
     assert seen == [1]
     model.reset_hooks()
+
+
+def test_results_to_dict_dataframe_plot_and_batch_inputs(gen):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bayesmanifold.hooks import Batch, position_mask
+
+    model = make_model(dtype=torch.float64, n_key_value_heads=2)
+    toks = torch.randint(0, 50, (3, 10), generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, 7:] = 0
+    pos = position_mask("last", 3, 10, mask)
+    # a Batch value is the same measurement as the (tokens, attention_mask, positions) tuple
+    ent_b = attention_entropy(model, [Batch(tokens=toks, attention_mask=mask, positions=pos)])
+    ent_t = attention_entropy(model, [(toks, mask, pos)])
+    np.testing.assert_array_equal(ent_b.per_head, ent_t.per_head)
+    qk_b = query_key_alignment(model, [Batch(tokens=toks, attention_mask=mask)], positions="all")
+    qk_t = query_key_alignment(model, [(toks, mask)], positions="all")
+    np.testing.assert_array_equal(qk_b.cos_other, qk_t.cos_other)
+    ko = key_orthogonality(model, token_ids=range(6))
+    abl = head_ablation(model, toks, layers=1, heads=[0, 3])
+    for res, n_rows in ((ent_b, 8), (qk_b, 8), (ko, 4), (abl, 2)):
+        json.dumps(res.to_dict())
+        assert len(res.to_dataframe()) == n_rows
+        assert res.plot() is not None
+    assert abl.to_dict()["heads"] == [0, 3] and ko.to_dict()["absolute"] is False

@@ -5,12 +5,8 @@ import pytest
 import torch
 from helpers import hook_count, make_model
 
-from bayesmanifold.analyses.manifold import (
-    ManifoldAccumulator,
-    collect_features,
-    spectrum_stats,
-    value_manifold,
-)
+from bayesmanifold.analyses.features import collect_features, value_manifold
+from bayesmanifold.analyses.manifold import ManifoldAccumulator, spectrum_stats
 from bayesmanifold.errors import InputError
 
 
@@ -127,3 +123,64 @@ def test_collect_features_kinds_and_gqa(gen):
     assert res.n_samples == 30 and "kv heads concatenated" in res.feature_kind
     with pytest.raises(InputError):
         collect_features(model, toks, kind="nope")
+
+
+def test_fewer_samples_than_features_warns_and_is_recorded(gen):
+    import json
+
+    from bayesmanifold.analyses.manifold import RankLimitedWarning
+
+    acc = ManifoldAccumulator(standardize=False)
+    acc.update(torch.randn(5, 8, generator=gen, dtype=torch.float64))
+    with pytest.warns(RankLimitedWarning, match=r"5 samples in 8 features.*at least 9 samples"):
+        res = acc.finalize()
+    assert res.rank_limited and res.to_dict()["rank_limited"] is True
+    json.dumps(res.to_dict())
+    ok = ManifoldAccumulator(standardize=False)
+    ok.update(torch.randn(9, 8, generator=gen, dtype=torch.float64))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankLimitedWarning)
+        assert not ok.finalize().rank_limited  # 9 = d + 1 samples can span every direction
+
+
+def test_feature_accumulator_on_batches_with_labels(gen):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bayesmanifold.analyses.features import FeatureAccumulator
+    from bayesmanifold.hooks import Batch, capture
+
+    model = make_model(dtype=torch.float32)
+    toks = torch.randint(0, 50, (12, 9), generator=gen)
+    pos = torch.zeros(12, 9, dtype=torch.bool)
+    pos[:, [2, 5, 8]] = True  # 36 samples: more than the 32 residual features
+    per_pos = torch.rand(12, 9, generator=gen, dtype=torch.float64)
+    per_seq = torch.rand(12, generator=gen, dtype=torch.float64)
+    # per-position label = the tuple form with the scalar at the selected positions
+    a = value_manifold(model, [Batch(tokens=toks, positions=pos, labels={"h": per_pos})], kind="residual", label="h")
+    b = value_manifold(model, [(toks, per_pos[pos], pos)], kind="residual")
+    np.testing.assert_array_equal(a.explained_variance, b.explained_variance)
+    np.testing.assert_array_equal(a.scalar, per_pos[pos].numpy())
+    assert a.spearman_pc1 == b.spearman_pc1
+    # per-sequence label, two batches merged = one batch
+    parts = []
+    for sl in (slice(0, 5), slice(5, 12)):
+        acc = FeatureAccumulator(kind="values", layer=1, head=2, label="s", pca=ManifoldAccumulator())
+        with capture(model, accumulators=[acc], layers=1) as cap:
+            cap.run(Batch(tokens=toks[sl], positions=pos[sl], labels={"s": per_seq[sl]}))
+        parts.append(acc)
+    merged = parts[0].merge(parts[1]).finalize()
+    one = value_manifold(model, [Batch(tokens=toks, positions=pos, labels={"s": per_seq})], kind="values", layer=1, head=2, label="s")
+    np.testing.assert_allclose(merged.explained_variance, one.explained_variance, rtol=1e-10)
+    np.testing.assert_array_equal(merged.scalar, per_seq.repeat_interleave(3).numpy())
+    json.dumps(one.to_dict())
+    assert len(one.to_dataframe()) == len(one.explained_variance) and one.plot() is not None
+    with pytest.raises(InputError, match="no label 'x'"):
+        value_manifold(model, [Batch(tokens=toks, positions=pos)], kind="residual", label="x")
+    with pytest.raises(InputError, match="scalar has 3 entries"):
+        value_manifold(model, [(toks, torch.rand(3), pos)], kind="residual")
+

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayesmanifold.analyses.geometry import key_orthogonality
+from bayesmanifold.analyses.keys import key_orthogonality
 from bayesmanifold.analyses.paper3 import paper3_protocol
 from bayesmanifold.errors import InputError
 from bayesmanifold.hooks import toy_model
@@ -69,3 +69,21 @@ def test_paper3_and_analyze_on_a_local_gqa_llama(hf_llama_dir, tmp_path):
     too_long = tmp_path / "long.txt"
     too_long.write_text("short\nshort two\n" + "a" * 80 + "\n")
     assert main(["analyze", str(hf_llama_dir), "--prompts", str(too_long)]) == 2
+
+
+def test_paper3_rank_limited_warns_once_and_to_dict(model):
+    import json
+    import warnings
+
+    from bayesmanifold.analyses.manifold import RankLimitedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = paper3_protocol(model, [x for x in PROMPTS if x])
+    rank = [w for w in caught if issubclass(w.category, RankLimitedWarning)]
+    assert len(rank) == 1 and "6 prompts for up to 16 value features" in str(rank[0].message)
+    assert "at least 17 prompts" in str(rank[0].message)
+    assert res.rank_limited and res.summary()["rank_limited"] is True
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["layers"] == [0, 1] and len(d["pc12"]) == 2
