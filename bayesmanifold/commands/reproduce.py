@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..experiments.em_vs_sgd import EMvsSGDConfig, reproduce_em_vs_sgd, seeds_for
-    from ..experiments.em_vs_sgd_deep import DeepConfig
+    from ..experiments.em_vs_sgd.deep import DeepConfig
 
     if args.threads is not None:
         if args.threads < 1:

@@ -166,3 +166,14 @@ def test_cli_bad_input_is_one_line_error(argv, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error" in err[0]
+
+
+def test_recorded_run_ships_with_the_package():
+    """The recorded full run is package data (importlib.resources) and holds the headline numbers."""
+    from importlib.resources import files
+
+    d = json.loads((files("bayesmanifold.experiments") / "em_vs_sgd_recorded.json").read_text(encoding="utf-8"))
+    assert round(d["sgd"]["final_loss_mean"], 4) == 2.0310 and round(d["sgd"]["final_loss_std"], 4) == 0.0214
+    assert round(d["em_like"]["final_loss_mean"], 4) == 1.9319 and round(d["em_like"]["final_loss_std"], 4) == 0.0258
+    assert round(d["steps_to_sgd_final_mean"]) == 458 and round(d["steps_to_sgd_final_std"]) == 164
+    assert EMvsSGDConfig.from_dict(d["config"]) == EMvsSGDConfig(probes=True)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from bayesmanifold.errors import ConfigError, TaskError
-from bayesmanifold.experiments.em_vs_sgd_deep import DeepConfig, DeepStickyModel, run_deep_variant
+from bayesmanifold.experiments.em_vs_sgd.deep import DeepConfig, run_deep_variant
+from bayesmanifold.hooks.sticky_models import DeepStickyModel
 
 
 def test_start_at_layer_skips_embeddings_and_is_causal():
-    m = DeepStickyModel(DeepConfig(n_layers=2, d_model=16, n_heads=2))
+    m = DeepStickyModel(n_layers=2, d_model=16, n_heads=2)
     x = torch.randn(1, 12, 20, generator=torch.Generator().manual_seed(0))
     out = m(x)
     h = m.input_proj(x)
@@ -19,7 +20,7 @@ def test_start_at_layer_skips_embeddings_and_is_causal():
     x2[0, 8:] += 5.0
     assert torch.allclose(m(x2)[0, :8], out[0, :8])
     before = torch.random.get_rng_state()
-    DeepStickyModel(DeepConfig(n_layers=1, d_model=8, n_heads=2), seed=3)
+    DeepStickyModel(n_layers=1, d_model=8, n_heads=2, seed=3)
     assert torch.equal(before, torch.random.get_rng_state())
 
 

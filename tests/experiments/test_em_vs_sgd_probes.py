@@ -1,5 +1,6 @@
 """Probes of the sticky-chain runs through the library's capture, on the HookedRootModule head."""
 
+import json
 import math
 
 import numpy as np
@@ -7,15 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bayesmanifold.analyses.routing import RoutingLawCheck
+from bayesmanifold.analyses import RoutingLawCheck
 from bayesmanifold.errors import InputError
 from bayesmanifold.experiments.em_vs_sgd import attention_forward_backward, init_weights
-from bayesmanifold.experiments.em_vs_sgd_probes import (
-    SingleHeadHooked,
-    probe_checkpoints,
-    stabilisation_step,
-)
+from bayesmanifold.experiments.em_vs_sgd.probes import probe_checkpoints, stabilisation_step
 from bayesmanifold.hooks import capture
+from bayesmanifold.hooks.sticky_models import SingleHeadHooked
 from bayesmanifold.windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
 
 
@@ -85,6 +83,8 @@ def test_probe_checkpoints_rows_and_zero_drift(data):
     assert ((df.spec_entropy > 0) & (df.spec_entropy <= 1 + 1e-9)).all()
     assert df.routing_rel_residual.max() < 1e-4
     assert "sgd" in res.summary
+    back = json.loads(json.dumps(res.to_dict()))  # JSON-safe (NaN drifts stay floats)
+    assert back["summary"] == json.loads(json.dumps(res.summary)) and len(back["rows"]) == 3
 
 
 def test_stabilisation_step():

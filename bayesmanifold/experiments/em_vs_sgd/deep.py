@@ -6,7 +6,8 @@ AdamW 3e-4 with weight decay 0.01, cosine schedule over 2000 steps, gradient cli
 trained on one sequence and tested on a fresh one (seed + 10000); it reports the test predictive
 entropy minus ``H_min``. No numbers are published.
 
-Here the blocks are a ``HookedTransformer`` (so every analysis of the library attaches to it) fed
+Here the blocks are a ``HookedTransformer`` (so every analysis of the library attaches to it;
+the model is :class:`bayesmanifold.hooks.sticky_models.DeepStickyModel`) fed
 through ``model(h, start_at_layer=0)`` with ``h`` the projected 20-d inputs: the token and
 positional embeddings are skipped, as in the released model, which has no positional encoding.
 Differences, stated: TransformerLens has no dropout (the released model used 0.1 on attention
@@ -28,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import ConfigError
-from ..windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
+from ...errors import ConfigError
+from ...hooks.sticky_models import DeepStickyModel
+from ...windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
+from .config import TEST_OFFSET
 
-__all__ = ["DeepConfig", "DeepResult", "DeepStickyModel", "run_deep_variant"]
+__all__ = ["DeepConfig", "DeepResult", "run_deep_variant"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,37 +84,8 @@ class DeepConfig:
         return d
 
 
-class DeepStickyModel(nn.Module):
-    """Input projection 20→d_model, then a pre-LN ``HookedTransformer`` started at layer 0."""
-
-    def __init__(self, cfg: DeepConfig, *, d_in: int = 20, n_out: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        tl_cfg = HookedTransformerConfig(
-            n_layers=cfg.n_layers,
-            d_model=cfg.d_model,
-            n_heads=cfg.n_heads,
-            d_head=cfg.d_model // cfg.n_heads,
-            d_mlp=4 * cfg.d_model,
-            act_fn="gelu",
-            normalization_type="LN",
-            n_ctx=2048,
-            d_vocab=n_out,
-            d_vocab_out=n_out,
-            seed=None,
-            device=cfg.device,
-        )
-        # TL initialises from the global generator: build under fork_rng with a fixed seed so that
-        # the model neither depends on nor changes the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.input_proj = nn.Linear(d_in, cfg.d_model)
-            self.transformer = HookedTransformer(tl_cfg)
-        self.to(cfg.device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.transformer(self.input_proj(x), start_at_layer=0)
+def _model(cfg: DeepConfig, seed: int) -> DeepStickyModel:
+    return DeepStickyModel(n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, seed=seed, device=cfg.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,7 +108,12 @@ class DeepResult:
             }
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the :meth:`summary` and one row per method and seed."""
+        return {**self.summary(), "rows": self.rows}
+
     def to_dataframe(self):
+        """Tidy table: one row per method and seed."""
         import pandas as pd
 
         return pd.DataFrame(self.rows)
@@ -172,11 +151,11 @@ def run_deep_variant(config: DeepConfig | None = None, *, progress: Any = None) 
     rows, curves = [], {m: [] for m in config.methods}
     for seed in config.seeds:
         train = sample_sticky_chain(chain, seed=seed)
-        test = sample_sticky_chain(chain, seed=seed + 10000)
+        test = sample_sticky_chain(chain, seed=seed + TEST_OFFSET)
         xtr, ytr = train.inputs[None].to(dev), train.targets.to(dev)
         xte, yte = test.inputs[None].to(dev), test.targets.to(dev)
         for method in config.methods:
-            model = DeepStickyModel(config, seed=seed)
+            model = _model(config, seed)
             value = [p for n, p in model.named_parameters() if n.endswith(("attn.W_V", "attn.b_V"))]
             vid = {id(p) for p in value}
             rest = [p for p in model.parameters() if id(p) not in vid]

@@ -4,14 +4,15 @@ Paper II (arXiv 2512.22473) reads attention as the E-step and the value update a
 predicts two timescales: the attention pattern (the "frame") stabilises early while the values
 keep refining (PAPERS.md section 2). This module replays weights saved at checkpoints of one seed
 per method through the library's capture (:func:`bayesmanifold.hooks.capture`) on a small
-``HookedRootModule`` version of the single head, and measures per checkpoint:
+``HookedRootModule`` version of the single head
+(:class:`bayesmanifold.hooks.sticky_models.SingleHeadHooked`), and measures per checkpoint:
 
 * attention drift: mean over queries of the Jensen–Shannon divergence (nats) between the
   attention rows of successive checkpoints, divided by the number of steps between them;
 * value drift: ``||V_t - V_prev||_F / ||V_prev||_F`` per step, with ``V`` read at ``hook_v``;
-* advantage statistics (:class:`bayesmanifold.analyses.routing.AdvantageStats`): attention mass
+* advantage statistics (:class:`bayesmanifold.analyses.AdvantageStats`): attention mass
   on keys with positive advantage ``A_ij = -(b_ij - b̄_i)``, and ``Σ_j α_ij |A_ij|``;
-* the routing-law residual (:class:`~bayesmanifold.analyses.routing.RoutingLawCheck`);
+* the routing-law residual (:class:`~bayesmanifold.analyses.RoutingLawCheck`);
 * responsibility specialization (:class:`~bayesmanifold.analyses.responsibility.SpecializationAccumulator`):
   each value's (key position's) responsibility ``Σ_i α_ij`` split over the 8 groups of queries
   by their previous state ``y_{t-1}`` (the state whose mean the query's input carries), and the
@@ -21,7 +22,6 @@ per method through the library's capture (:func:`bayesmanifold.hooks.capture`) o
 its peak; the figure shows the curves so the reader can judge the claim, whichever way it falls.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,121 +29,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import InputError
+from ...analyses.stats import entropy, js_divergence, stabilization_step
 
-__all__ = ["SingleHeadHooked", "ProbeResult", "probe_checkpoints", "stabilisation_step"]
-
-
-class _Attention(nn.Module):
-    def __init__(self, W_Q: Tensor, W_K: Tensor, W_V: Tensor) -> None:
-        super().__init__()
-        from transformer_lens.hook_points import HookPoint
-
-        self.W_Q = nn.Parameter(W_Q.detach().clone())
-        self.W_K = nn.Parameter(W_K.detach().clone())
-        self.W_V = nn.Parameter(W_V.detach().clone())
-        self.attn_scale = math.sqrt(W_Q.shape[-1])
-        self.hook_q = HookPoint()
-        self.hook_k = HookPoint()
-        self.hook_v = HookPoint()
-        self.hook_attn_scores = HookPoint()
-        self.hook_pattern = HookPoint()
-        self.hook_z = HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos head_index d_head"]:
-        q = self.hook_q((x @ self.W_Q)[:, :, None, :])  # [batch, pos, head_index=1, d_head]
-        k = self.hook_k((x @ self.W_K)[:, :, None, :])
-        v = self.hook_v((x @ self.W_V)[:, :, None, :])
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.attn_scale
-        n = x.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-        scores = self.hook_attn_scores(scores.masked_fill(causal, float("-inf")))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
-        return self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
-
-
-class _Block(nn.Module):
-    def __init__(self, attn: _Attention) -> None:
-        super().__init__()
-        self.attn = attn
-
-
-def _hooked_root():
-    try:
-        from transformer_lens import HookedRootModule
-    except ImportError:  # pragma: no cover - older TransformerLens
-        from transformer_lens.hook_points import HookedRootModule
-    return HookedRootModule
-
-
-class SingleHeadHooked(_hooked_root()):
-    """Paper II's single causal head as a TransformerLens ``HookedRootModule``.
-
-    Float input ``[batch, pos, 20]``; hook points ``blocks.0.attn.hook_q``, ``hook_k``, ``hook_v``,
-    ``hook_attn_scores`` (masked entries ``-inf``), ``hook_pattern``, ``hook_z`` in TL's shapes; no
-    residual, no bias; logits ``z W_O``. Built from the four weight matrices of a run.
-
-    Example:
-        >>> from bayesmanifold.experiments.em_vs_sgd import init_weights
-        >>> model = SingleHeadHooked(*init_weights(42))
-        >>> model(torch.randn(1, 5, 20)).shape
-        torch.Size([1, 5, 8])
-    """
-
-    def __init__(self, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([_Block(_Attention(W_Q, W_K, W_V))])
-        self.W_O = nn.Parameter(W_O.detach().clone())
-        self.setup()
-
-    def forward(self, x: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos n_states"]:
-        if not torch.is_floating_point(x) or x.ndim != 3 or x.shape[-1] != self.blocks[0].attn.W_Q.shape[0]:
-            raise InputError(
-                f"SingleHeadHooked takes float inputs [batch, pos, {self.blocks[0].attn.W_Q.shape[0]}]; "
-                f"got {tuple(x.shape)} {x.dtype}"
-            )
-        z = self.blocks[0].attn(x)
-        return z[:, :, 0, :] @ self.W_O
-
-
-class _KeepPatternValues:
-    """Accumulator that keeps the (only) head's pattern and values of the last run (cloned)."""
-
-    def __init__(self) -> None:
-        self.pattern: Tensor | None = None
-        self.values: Tensor | None = None
-
-    def update(self, bundle: Any) -> None:
-        self.pattern = bundle.pattern[0, 0].detach().clone()
-        self.values = bundle.values[0, :, 0].detach().clone()
-
-    def merge(self, other: "_KeepPatternValues") -> "_KeepPatternValues":
-        raise InputError("_KeepPatternValues keeps one run; it does not merge")
-
-    def finalize(self) -> tuple[Tensor, Tensor]:
-        return self.pattern, self.values
-
-
-def _js_rows(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen–Shannon divergence (nats) between rows of two causal patterns."""
-    m = 0.5 * (p + q)
-
-    def kl(a: Tensor) -> Tensor:
-        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), 0.0).sum(-1)
-
-    return 0.5 * kl(p) + 0.5 * kl(q)
+__all__ = ["ProbeResult", "probe_checkpoints", "stabilisation_step"]
 
 
 def stabilisation_step(steps: np.ndarray, rate: np.ndarray, frac: float = 0.1) -> int | None:
-    """First checkpoint step after which ``rate`` stays below ``frac`` of its peak (None if never)."""
-    if rate.size == 0 or not np.isfinite(rate).any():
-        return None
-    thr = frac * np.nanmax(rate)
-    above = np.nonzero(rate >= thr)[0]
-    last = above[-1] if above.size else -1
-    return int(steps[last + 1]) if last + 1 < len(steps) else None
+    """First checkpoint step after which ``rate`` stays below ``frac`` of its peak (None if never).
+
+    :func:`bayesmanifold.analyses.stats.stabilization_step` with the peak as the early level and a
+    stable stretch of at least one checkpoint.
+    """
+    return stabilization_step(steps, rate, fraction=frac, min_stable=1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,7 +58,12 @@ class ProbeResult:
     rows: list[dict[str, Any]]
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: ``{"summary": ..., "rows": [...]}`` (NaN drifts stay float NaN)."""
+        return {"summary": self.summary, "rows": self.rows}
+
     def to_dataframe(self):
+        """Tidy table: one row per method and checkpoint."""
         import pandas as pd
 
         return pd.DataFrame(self.rows)
@@ -227,11 +131,12 @@ def probe_checkpoints(
     Returns:
         A :class:`ProbeResult`.
     """
-    from ..analyses.responsibility import SpecializationAccumulator
-    from ..analyses.routing import AdvantageStats, RoutingLawCheck
-    from ..hooks import capture
+    from ...analyses import AdvantageStats, RoutingLawCheck, SpecializationAccumulator
+    from ...hooks import Batch, capture
+    from ...hooks.sticky_models import SingleHeadHooked
 
     x = inputs.to(dtype)[None]
+    batch = Batch(tokens=x, labels={"group": groups.long()[None]})
     y = targets.long()
 
     def objective(logits: Tensor, _inputs: Tensor) -> Tensor:
@@ -245,19 +150,19 @@ def probe_checkpoints(
         mrows = []
         for step, ws in snaps:
             model = SingleHeadHooked(*(w.to(dtype) for w in ws))
-            keep, adv, law = _KeepPatternValues(), AdvantageStats(histogram=False), RoutingLawCheck()
-            with capture(model, accumulators=[keep, adv, law], objective=objective) as cap:
-                loss = cap.run(x)
-            p, v = keep.finalize()
+            adv, law = AdvantageStats(histogram=False), RoutingLawCheck()
             spec = SpecializationAccumulator([0], 1, n_groups)
-            spec.update(0, p[None, None], groups[None])
+            with capture(model, accumulators=[adv, law, spec], objective=objective, keep=True) as cap:
+                loss = cap.run(batch)
+                kept = cap.kept[0]
+            p, v = kept.pattern[0, 0], kept.values[0, :, 0]  # the only head: [q, k], [k, d_v]
             sres = spec.finalize()
             arow = adv.finalize().rows[0]
             lrow = law.finalize().to_dataframe().iloc[0]
             js = vd = float("nan")
             if prev_p is not None:
                 gap = step - prev_step
-                js = float(_js_rows(p.double(), prev_p.double()).mean()) / gap
+                js = float(js_divergence(p, prev_p).mean()) / gap
                 vd = float((v - prev_v).norm() / prev_v.norm().clamp_min(1e-30)) / gap
             mrows.append({
                 "method": method,
@@ -270,7 +175,7 @@ def probe_checkpoints(
                 "spec_entropy": float(sres.normalized_entropy[0, 0]),
                 "spec_weighted_entropy": float(sres.weighted_entropy[0, 0]),
                 "routing_rel_residual": float(lrow["rel_residual_dscores"]),
-                "attention_entropy": float(-(torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0)).sum(-1).mean()),
+                "attention_entropy": float(entropy(p).mean()),
             })
             prev_p, prev_v, prev_step = p, v, step
         rows += mrows
