@@ -10,7 +10,7 @@ Sub-packages: ``hooks`` (capture, loading), ``analyses`` (one module per measure
 ``experiments`` (the papers' experiments).
 """
 
-from .analyses.routing import AdvantageStats, RoutingLawCheck, one_step_check, verify_routing_law
+from .analyses import AdvantageStats, RoutingLawCheck, one_step_check, verify_routing_law
 from .errors import BayesManifoldError
 from .hooks import LayerBundle, capture, load_model
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .analyses.routing import one_step_check, verify_routing_law
+from .analyses import one_step_check, verify_routing_law
 from .errors import BayesManifoldError, InputError
 from .hooks.objectives import loss_at_positions
 from .report import Report

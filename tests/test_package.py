@@ -10,7 +10,7 @@ def test_import_is_silent_and_does_not_seed():
     code = (
         "import torch, numpy, random;"
         "s = torch.random.get_rng_state().clone(); n = numpy.random.get_state()[1].copy(); r = random.getstate();"
-        "import bayesmanifold, bayesmanifold.analyses.routing, bayesmanifold.hooks;"
+        "import bayesmanifold, bayesmanifold.analyses.routing_law, bayesmanifold.hooks;"
         "assert torch.equal(s, torch.random.get_rng_state()); assert (n == numpy.random.get_state()[1]).all();"
         "assert r == random.getstate()"
     )

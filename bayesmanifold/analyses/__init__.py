@@ -9,13 +9,13 @@ from typing import Any
 
 # name -> module (relative to this package) that defines it
 _WHERE = {
-    "RoutingLawCheck": "routing",
-    "RoutingLawResult": "routing",
-    "verify_routing_law": "routing",
-    "AdvantageStats": "routing",
-    "AdvantageResult": "routing",
-    "OneStepResult": "routing",
-    "one_step_check": "routing",
+    "RoutingLawCheck": "routing_law",
+    "RoutingLawResult": "routing_law",
+    "verify_routing_law": "routing_law",
+    "AdvantageStats": "advantage",
+    "AdvantageResult": "advantage",
+    "OneStepResult": "one_step",
+    "one_step_check": "one_step",
     "HeadStats": "headstats",
     "ManifoldAccumulator": "manifold",
     "ManifoldResult": "manifold",

@@ -2,7 +2,7 @@
 
 import argparse
 
-from ..analyses.routing import verify_routing_law
+from ..analyses import verify_routing_law
 from ..hooks.loading import load_model
 from .common import add_device_arg, add_json_arg, format_table, tokens_for, write_json
 
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(f"max relative residual of the routing law: {summary['max_rel_residual_dscores']:.3e}")
+    print(f"the laws hold on every head: {'yes' if law.holds else 'NO'}" + (f" ({law.reason})" if law.reason else ""))
     summary.update(
         {
             "model": args.model,

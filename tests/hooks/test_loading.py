@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bayesmanifold.analyses.routing import verify_routing_law
+from bayesmanifold.analyses import verify_routing_law
 from bayesmanifold.errors import ModelError
 from bayesmanifold.hooks import load_hf_directory, load_model
 
