@@ -35,13 +35,9 @@ from ..hooks import capture
 from ..hooks.access import model_access
 from ..hooks.batch import Positions, position_mask
 from .dynamics import DynamicsResult
+from .keys import key_orthogonality
 from .manifold import ManifoldAccumulator
 from .stats import entropy, js_divergence
-
-try:  # key_orthogonality is moving from geometry to keys
-    from .keys import key_orthogonality
-except ImportError:  # pragma: no cover - until keys.py exists
-    from .geometry import key_orthogonality
 
 __all__ = ["DynamicsMonitor"]
 
