@@ -11,7 +11,9 @@ parameters), so our models are untied; the paper's 2.69M becomes ~2.7M + d·voca
 
 A :class:`ModelSpec` holds everything needed to rebuild a model (it is stored in checkpoints);
 :func:`preset_spec` turns a preset name plus a task into one, and :func:`build_model` builds it
-with a seeded initialisation that leaves the global random state untouched.
+with a seeded initialisation that leaves the global random state untouched (TransformerLens
+models are built by :func:`bayesmanifold.hooks.loading.build_hooked`: the model-access layer is
+the only code that imports TransformerLens).
 """
 
 import contextlib
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..hooks.loading import build_hooked, keep_global_rng
 from ..windtunnels.base import WindTunnel
 
 __all__ = ["ModelSpec", "PRESETS", "ARCHS", "preset_spec", "build_model", "count_params",
@@ -124,11 +127,9 @@ def preset_spec(
     )
 
 
-def hooked_config(spec: ModelSpec, device: str = "cpu"):
-    """The ``HookedTransformerConfig`` of a transformer spec."""
-    from transformer_lens import HookedTransformerConfig
-
-    return HookedTransformerConfig(
+def hooked_config(spec: ModelSpec) -> dict[str, Any]:
+    """The ``HookedTransformerConfig`` fields of a transformer spec (a plain dict)."""
+    return dict(
         n_layers=spec.n_layers,
         d_model=spec.d_model,
         n_heads=spec.n_heads,
@@ -140,31 +141,28 @@ def hooked_config(spec: ModelSpec, device: str = "cpu"):
         normalization_type="RMSPre",
         positional_embedding_type="standard",
         default_prepend_bos=False,
-        device=device,
     )
 
 
 def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> nn.Module:
-    """Build a freshly initialised model; the init is seeded and the global RNG is restored.
+    """Build a freshly initialised model; the init is seeded and the global RNG is left as found.
 
-    Every architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``.
+    The weights are drawn on the CPU (so they do not depend on ``device``) from the seeded
+    default generator inside :func:`bayesmanifold.hooks.loading.keep_global_rng`. Every
+    architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``.
     """
     from .baselines import CausalMLP, LSTMModel
 
-    # TransformerLens prints "Moving model to device" on build and .to(); keep stdout clean.
-    with contextlib.redirect_stdout(io.StringIO()), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if spec.arch == "transformer":
-            from transformer_lens import HookedTransformer
-
-            model: nn.Module = HookedTransformer(hooked_config(spec, device="cpu"))
-        elif spec.arch == "lstm":
-            model = LSTMModel(spec.d_vocab, spec.d_model, spec.n_layers)
+    if spec.arch == "transformer":
+        return build_hooked(hooked_config(spec), seed=seed, device=device)
+    with keep_global_rng():
+        torch.random.default_generator.manual_seed(seed)
+        if spec.arch == "lstm":
+            model: nn.Module = LSTMModel(spec.d_vocab, spec.d_model, spec.n_layers)
         else:
             model = CausalMLP(spec.d_vocab, spec.d_model, spec.d_mlp, spec.n_layers, spec.n_ctx,
                               context=spec.mlp_context)
-        model = model.to(device)
-    return model
+    return model.to(device)
 
 
 def move_model(model: nn.Module, device: "str | torch.device") -> nn.Module:

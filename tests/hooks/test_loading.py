@@ -47,3 +47,94 @@ def test_half_precision_on_cpu_is_refused():
         load_model("toy", dtype="float16")
     with pytest.raises(ModelError, match="dtype"):
         load_model("toy", dtype="float8")
+
+
+# ---------------------------------------------------------------- directories named like a user's
+@pytest.fixture(scope="module")
+def user_dirs(tmp_path_factory):
+    """Models saved where users save them: a name containing "llama" or "gemma" makes
+    TransformerLens's converter take a built-in config by name; a GPT-2 saved by current
+    transformers without ``n_ctx`` has only ``n_positions``."""
+    from hf_fixtures import save_tiny_gemma, save_tiny_gpt2, save_tiny_llama
+
+    root = tmp_path_factory.mktemp("home") / "models"
+    return {
+        "Llama-tiny": save_tiny_llama(root / "Llama-tiny"),
+        "gemma-test": save_tiny_llama(root / "gemma-test"),
+        "gpt2-no-n_ctx": save_tiny_gpt2(root / "gpt2-finetuned", legacy_n_ctx=False),
+        "gpt2-under-llama": save_tiny_gpt2(root / "llama-experiments" / "baseline", legacy_n_ctx=False),
+        "real-gemma": save_tiny_gemma(root / "my-model"),
+    }
+
+
+def _global_rng():
+    import random
+
+    import numpy as np
+
+    return torch.random.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_rng(a, b):
+    return torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+@pytest.mark.parametrize("name", ["Llama-tiny", "gemma-test", "gpt2-no-n_ctx", "gpt2-under-llama"])
+def test_directory_name_and_current_configs_do_not_matter(name, user_dirs, gen):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    path = user_dirs[name]
+    if name.startswith("gpt2"):
+        assert "n_ctx" not in json.loads((path / "config.json").read_text())
+    before = _global_rng()
+    model = load_hf_directory(path, dtype="float64")
+    assert _same_rng(before, _global_rng())  # building and loading leave the global RNGs alone
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64)
+    tokens = torch.randint(3, 30, (2, 12), generator=gen)
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max() < 1e-6
+    arch = "GPT2LMHeadModel" if name.startswith("gpt2") else "LlamaForCausalLM"
+    assert model.cfg.original_architecture == arch
+    assert model.cfg.n_ctx == 64 and model.cfg.n_layers == 2
+    assert model.tokenizer is not None and model.to_tokens("ab").shape[1] >= 2
+
+
+def test_unconvertible_architecture_names_itself(user_dirs):
+    # TransformerLens converts Gemma only from its official names, never from a config.json.
+    with pytest.raises(ModelError, match="GemmaForCausalLM"):
+        load_hf_directory(user_dirs["real-gemma"])
+
+
+def test_building_leaves_the_global_rng_alone():
+    """In a fresh interpreter (TransformerLens 2.x's first import draws from Python's random)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import random, numpy, torch\n"
+        "random.seed(5); numpy.random.seed(5); torch.manual_seed(5)\n"
+        "state = lambda: (torch.random.get_rng_state().clone(), numpy.random.get_state()[1].copy(), random.getstate())\n"
+        "s = state()\n"
+        "from bayesmanifold.hooks import load_model\n"
+        "from bayesmanifold.models import build_model, preset_spec\n"
+        "from bayesmanifold.windtunnels import BijectionTask\n"
+        "m = load_model('toy')\n"
+        "for arch in ('transformer', 'lstm', 'mlp'):\n"
+        "    build_model(preset_spec('tiny', BijectionTask(V=4, L=3), arch=arch), seed=3)\n"
+        "t = state()\n"
+        "assert torch.equal(s[0], t[0]), 'torch'\n"
+        "assert (s[1] == t[1]).all(), 'numpy'\n"
+        "assert s[2] == t[2], 'python'\n"
+        "assert m.cfg.seed is None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_toy_model_is_seeded_locally():
+    a, b, c = load_model("toy", seed=3), load_model("toy", seed=3), load_model("toy", seed=4)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert not torch.equal(a.W_E, c.W_E)

@@ -180,8 +180,8 @@ def test_paper_presets_have_paper_sizes():
 
     spec = preset_spec("bijection-paper", BijectionTask(V=20, L=19))
     cfg = hooked_config(spec)
-    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp) == (6, 6, 192, 32, 768)
-    assert cfg.normalization_type == "RMSPre" and cfg.positional_embedding_type == "standard"
+    assert tuple(cfg[k] for k in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp")) == (6, 6, 192, 32, 768)
+    assert cfg["normalization_type"] == "RMSPre" and cfg["positional_embedding_type"] == "standard"
     hmm = preset_spec("hmm-paper", HMMTask())
     assert (hmm.n_layers, hmm.n_heads, hmm.d_model) == (9, 8, 256)
     assert hmm.n_ctx >= HMMTask(K=50).seq_len  # room for the K=50 length test
