@@ -65,7 +65,7 @@ def test_train_hmm_lstm_and_bad_input(tmp_path, capsys):
 def test_warm_start_continues_the_lineage(tmp_path):
     """A warm-started run carries its parent's snapshots and numbers its own cumulatively."""
     from bayesmanifold.models import load_checkpoint, load_snapshot
-    from bayesmanifold.models.checkpoint import list_snapshots
+    from bayesmanifold.models.snapshots import list_snapshots
 
     base = ["train", "bijection", "--param", "V=6", "--param", "L=5", "--preset", "tiny",
             "--n-eval", "8", "--no-progress", "--seed", "1"]

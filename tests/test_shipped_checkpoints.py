@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from bayesmanifold.windtunnels.calibration import measure_calibration
 from bayesmanifold.models import list_shipped, load_checkpoint
-from bayesmanifold.models.checkpoint import list_snapshots, load_snapshot, shipped_dir
+from bayesmanifold.models.checkpoint import shipped_dir
+from bayesmanifold.models.snapshots import list_snapshots, load_snapshot
+from bayesmanifold.windtunnels.calibration import measure_calibration
 
 EXPECTED = ["bijection-v20", "bijection-v20-base", "bijection-v20-lstm", "bijection-v20-mlp",
             "hmm-k20", "hmm-k20-lstm", "hmm-k20-mlp"]

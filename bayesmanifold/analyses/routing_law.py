@@ -85,6 +85,7 @@ class RoutingLawResult:
     """
 
     rows: list[dict[str, Any]]
+    floor: str = ""  # which precision bounds the residuals when it is not the tensors' (and why)
 
     @property
     def max_abs_residual_dscores(self) -> float:
@@ -160,6 +161,7 @@ class RoutingLawResult:
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "heads": [dict(r) for r in self.rows],
+            "floor": self.floor,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -213,10 +215,12 @@ class RoutingLawCheck:
         self.tolerance = tolerance
         self.stats = HeadStats(_CHECK_KINDS)
         self.eps = 0.0  # the coarsest machine epsilon among the tensors seen
+        self.softmax: dict[float, str] = {}  # eps -> name of a softmax dtype coarser than the tensors
 
     def update(self, b: LayerBundle) -> None:
         alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
         self.eps = max([self.eps] + [torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values)])
+        self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
         mask = entry_mask(b)
         dims = (0, 2, 3)
         kinds = {k: "max" for k in ("res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "deficit")}
@@ -270,13 +274,16 @@ class RoutingLawCheck:
     def merge(self, other: "RoutingLawCheck") -> "RoutingLawCheck":
         self.stats.merge(other.stats)
         self.eps = max(self.eps, other.eps)
+        self.softmax.update(other.softmax)
         return self
 
     def finalize(self) -> RoutingLawResult:
         if not self.stats:
             raise InputError("RoutingLawCheck saw no layer: run capture with it before finalize()")
-        tol = self.tolerance if self.tolerance is not None else self.eps ** (2 / 3)
-        return RoutingLawResult(rows=[_judge(layer, head, s, tol) for layer, head, s in self.stats.rows()])
+        eps = max([self.eps, *self.softmax])
+        tol = self.tolerance if self.tolerance is not None else eps ** (2 / 3)
+        floor = "" if eps == self.eps else f"the model takes the softmax in {self.softmax[eps]}: the laws hold to {self.softmax[eps]} precision"
+        return RoutingLawResult(rows=[_judge(layer, head, s, tol) for layer, head, s in self.stats.rows()], floor=floor)
 
 
 _LAWS = {  # what each residual compares: autograd's side, the law's side

@@ -71,6 +71,7 @@ class AttentionLayerInfo:
     n_heads: int | None  # None when the module does not say; then read from the shapes
     n_kv_heads: int | None
     attn_scale: float | None
+    softmax_dtype: torch.dtype | None = None  # set when the softmax runs in another dtype than the model
 
 
 def _require_hooked(model: object) -> None:
@@ -349,4 +350,8 @@ def model_access(model: Any) -> ModelAccess:
     """The model-access backend for ``model`` (a :class:`ModelAccess` is returned as is)."""
     if isinstance(model, ModelAccess):
         return model
+    from .bridge import BridgeAccess, is_bridge  # TransformerLens 4 has no HookedTransformer
+
+    if is_bridge(model):
+        return BridgeAccess(model)
     return ModelAccess(model)

@@ -42,6 +42,9 @@ class LayerBundle:
     n_kv_heads: int = 0
     batch: Batch | None = None
     acts: dict[str, Tensor] = field(default_factory=dict)
+    #: The dtype the softmax was taken in when it differs from the tensors' (e.g. float32 in
+    #: HuggingFace's Llama-family attention): the laws then hold only to its precision.
+    softmax_dtype: torch.dtype | None = None
 
     @property
     def has_gradients(self) -> bool:

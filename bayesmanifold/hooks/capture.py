@@ -48,6 +48,7 @@ class _LayerState:
     acts: dict[str, Tensor] = field(default_factory=dict)
     valid: Tensor | None = None
     grads: dict[str, Tensor] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
 
 
 class Capture:
@@ -110,7 +111,6 @@ class Capture:
             if n is not None:
                 self._heads_for(layer, n)
         self.accumulators, self.gradients, self.sites = plan_accumulators(accumulators, gradients, sites)
-        wanted = self.sites
         self.keep = keep
         self.keep_query_positions = keep_query_positions
         if keep_device is not None:
@@ -130,12 +130,10 @@ class Capture:
         self._batch: Batch | None = None
         self._n_grads = 0
         self._model_acts: dict[str, Tensor] = {}
-        # Per layer: the forward sites to store, and (forward-only) the one whose hook fires last.
-        layer_sites = {"pattern", "v", "scores"} | (wanted & set(ATTN_SITES + BLOCK_SITES))
-        if self.gradients:
-            layer_sites.add("z")
-        self._layer_sites = sorted(layer_sites, key=SITE_ORDER.index)
-        self._last_site = self._layer_sites[-1]
+        # Per layer, the forward sites to store (forward-only: the layer goes out once all have fired,
+        # in whatever order the backend fires them).
+        layer_sites = {"pattern", "v", "scores"} | (self.sites & set(ATTN_SITES + BLOCK_SITES))
+        self._layer_sites = sorted(layer_sites | ({"z"} if self.gradients else set()), key=SITE_ORDER.index)
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> "Capture":
@@ -183,6 +181,7 @@ class Capture:
         if not self._active:
             return
         st = self._state.setdefault(layer, _LayerState())
+        st.seen.add(site)
         if site == "scores":
             # The mask is the same for every head; head 0's scores say which entries were masked.
             st.valid = self.access.valid_from_scores(output[:, 0].detach())
@@ -191,7 +190,7 @@ class Capture:
         if self.gradients:
             if site in _GRAD_SITE and output.requires_grad:
                 output.register_hook(_bind(self._grad_arrived, layer, _GRAD_SITE[site]))
-        elif site == self._last_site:
+        elif len(st.seen) == len(self._layer_sites):
             self._dispatch(layer)
 
     # ------------------------------------------------------------------ backward
@@ -256,6 +255,7 @@ class Capture:
             heads=heads,
             kv_heads=kv_heads,
             attn_scale=self._infos[layer].attn_scale,
+            softmax_dtype=self._infos[layer].softmax_dtype,
             pattern=sel(pattern, 1),
             values=values if group == 1 and all_heads else values.index_select(2, kv_idx),
             valid=valid,

@@ -1,8 +1,9 @@
 """Models for the wind tunnels: presets, attention-free baselines, training and checkpoints."""
 
 from .baselines import CausalMLP, LSTMModel
-from .checkpoint import list_shipped, load_checkpoint, load_snapshot, save_checkpoint
+from .checkpoint import list_shipped, load_checkpoint, save_checkpoint
 from .presets import PRESETS, ModelSpec, build_model, count_params, preset_spec
+from .snapshots import load_snapshot
 from .training import TrainConfig, TrainResult, train
 
 __all__ = [

@@ -15,12 +15,12 @@ A checkpoint directory holds
   numbered by cumulative step, and a warm-started run carries its parent's snapshots over, so
   the trajectory of a multi-stage training lives in its last checkpoint.
 
-Every file is written to a temporary name and renamed (:mod:`bayesmanifold.io`).
+Every file is written to a temporary name and renamed (:mod:`bayesmanifold.io`). Snapshots and
+the lineage of warm-started runs are handled in :mod:`bayesmanifold.models.snapshots`.
 Shipped checkpoints live in ``bayesmanifold/checkpoints/<name>/`` inside the package.
 """
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hooks.loading import load_fitting_state_dict
+from ..hooks.loading import library_versions, load_fitting_state_dict
 from ..io import atomic_torch_save, atomic_write_json, ensure_dir
 from ..windtunnels.base import WindTunnel
 from ..windtunnels.registry import task_from_dict
@@ -44,13 +44,8 @@ __all__ = [
     "resolve_checkpoint",
     "shipped_dir",
     "list_shipped",
-    "save_snapshot",
-    "list_snapshots",
-    "load_fitting_state_dict",
-    "parent_lineage",
-    "carry_snapshots",
-    "load_snapshot",
-    "export_checkpoint",
+    "check_same_run",
+    "load_weights",
 ]
 
 FORMAT = "bayesmanifold.checkpoint/1"
@@ -61,18 +56,6 @@ CONFIG, WEIGHTS, HISTORY, STATE, METRICS, SNAPSHOTS = (
 def shipped_dir() -> Path:
     """Folder of the checkpoints shipped inside the package."""
     return Path(__file__).resolve().parent.parent / "checkpoints"
-
-
-def _versions() -> dict[str, str]:
-    import transformer_lens  # noqa: F401
-
-    try:
-        from importlib.metadata import version
-
-        tl = version("transformer-lens")
-    except Exception:  # pragma: no cover
-        tl = "unknown"
-    return {"torch": torch.__version__, "transformer_lens": tl}
 
 
 def _config_dict(*, task, spec, config, preset, command, step, complete, model, dtype,
@@ -93,7 +76,7 @@ def _config_dict(*, task, spec, config, preset, command, step, complete, model, 
         "complete": bool(complete),
         "n_params": count_params(model),
         "weights_dtype": dtype,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 
@@ -228,7 +211,8 @@ def is_complete(path: "str | Path") -> bool:
         return False
 
 
-def _load_weights(model: nn.Module, file: Path) -> None:
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load the weights file ``file`` into ``model`` (see ``load_fitting_state_dict``)."""
     if not file.is_file():
         raise CheckpointError(f"checkpoint weights {str(file)!r} are missing")
     try:
@@ -256,7 +240,7 @@ def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "
     except Exception as exc:
         raise CheckpointError(f"{str(d)!r} has an invalid task or model config: {exc}") from None
     model = build_model(spec, seed=0)
-    _load_weights(model, d / WEIGHTS)
+    load_weights(model, d / WEIGHTS)
     history: dict = {}
     if (d / HISTORY).is_file():
         try:
@@ -265,95 +249,6 @@ def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "
             raise CheckpointError(f"cannot read {str(d / HISTORY)!r}: {exc}") from None
     move_model(model, device).eval()
     return model, task, cfg, history
-
-
-def parent_lineage(init_from: "str | Path") -> tuple[int, list[dict]]:
-    """What a run warm-started from the finished checkpoint ``init_from`` continues.
-
-    Returns ``(step_offset, lineage)``: the updates the parent's weights have had in all (its own
-    steps plus its own offset), and the list of earlier stages, oldest first, each as
-    ``{"checkpoint", "command", "steps", "step_offset"}``. A continued run numbers its snapshots
-    by this cumulative step, so one checkpoint holds the whole trajectory.
-    """
-    cfg = read_config(init_from)
-    if not cfg.get("complete"):
-        raise CheckpointError(f"{str(init_from)!r} is not a finished run; a warm start needs one")
-    offset = int(cfg.get("step_offset", 0))
-    stage = {"checkpoint": str(init_from), "command": cfg.get("command"),
-             "steps": int(cfg["step"]), "step_offset": offset}
-    return offset + int(cfg["step"]), list(cfg.get("lineage", [])) + [stage]
-
-
-def carry_snapshots(src: "str | Path", out_dir: "str | Path") -> int:
-    """Copy ``src``'s weight snapshots into ``out_dir/snapshots`` (those not there yet).
-
-    Each file is copied to a temporary name and renamed. Returns the number copied.
-    """
-    n = 0
-    for _, f in list_snapshots(src):
-        dest = Path(out_dir) / SNAPSHOTS / f.name
-        if dest.exists():
-            continue
-        ensure_dir(dest.parent)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(f, tmp)
-        tmp.replace(dest)
-        n += 1
-    return n
-
-
-def save_snapshot(out_dir: "str | Path", step: int, model: nn.Module) -> Path:
-    """Save fp16 weights to ``<out_dir>/snapshots/step_XXXXXX.pt``."""
-    sd = {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu())
-          for k, v in model.state_dict().items()}
-    return atomic_torch_save(Path(out_dir) / SNAPSHOTS / f"step_{int(step):06d}.pt", sd)
-
-
-def list_snapshots(path_or_name: "str | Path") -> list[tuple[int, Path]]:
-    """``[(step, file)]`` of a checkpoint's weight snapshots, by step."""
-    d = resolve_checkpoint(path_or_name) / SNAPSHOTS
-    if not d.is_dir():
-        return []
-    out = []
-    for f in d.glob("step_*.pt"):
-        try:
-            out.append((int(f.stem.split("_")[1]), f))
-        except (IndexError, ValueError):
-            continue
-    return sorted(out)
-
-
-def load_snapshot(path_or_name: "str | Path", step: int, device: "str | torch.device" = "cpu") -> nn.Module:
-    """The checkpoint's model with the weights of snapshot ``step`` (fp32, eval mode)."""
-    d = resolve_checkpoint(path_or_name)
-    snaps = dict(list_snapshots(d))
-    if step not in snaps:
-        raise CheckpointError(f"{str(d)!r} has no snapshot at step {step}; available {sorted(snaps)}")
-    cfg = read_config(d)
-    model = build_model(ModelSpec.from_dict(cfg["model"]), seed=0)
-    _load_weights(model, snaps[step])
-    return move_model(model, device).eval()
-
-
-def export_checkpoint(src: "str | Path", dest: "str | Path", half: bool = True) -> Path:
-    """Copy a finished checkpoint for shipping: weights in fp16, no resume state."""
-    src_d = resolve_checkpoint(src)
-    cfg = read_config(src_d)
-    if not cfg.get("complete"):
-        raise CheckpointError(f"{str(src_d)!r} is not a finished run")
-    dest_d = ensure_dir(dest)
-    sd = torch.load(src_d / WEIGHTS, map_location="cpu", weights_only=True)
-    if half:
-        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
-        cfg["weights_dtype"] = "float16"
-    atomic_torch_save(dest_d / WEIGHTS, sd)
-    for name in (HISTORY, METRICS):
-        if (src_d / name).is_file():
-            shutil.copyfile(src_d / name, dest_d / (name + ".tmp"))
-            (dest_d / (name + ".tmp")).replace(dest_d / name)
-    carry_snapshots(src_d, dest_d)
-    atomic_write_json(dest_d / CONFIG, cfg)
-    return dest_d
 
 
 def list_shipped() -> list[dict]:

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,18 +28,13 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..windtunnels.base import TaskBatch, WindTunnel, make_generator
 from ..windtunnels.calibration import measure_calibration
+from . import checkpoint as ckpt
+from . import snapshots
 from .presets import ModelSpec, build_model, move_model
 
-__all__ = ["TrainConfig", "TrainResult", "StepCallback", "train", "batch_loss"]
+__all__ = ["TrainConfig", "TrainResult", "train", "batch_loss"]
 
 _EVAL_SEED_OFFSET = 1_000_003
-
-
-@runtime_checkable
-class StepCallback(Protocol):
-    """What the training loop calls: ``on_step(model, step)``; ``state()`` is optional."""
-
-    def on_step(self, model: nn.Module, step: int) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,8 +206,6 @@ def train(
         >>> task = BijectionTask(V=6, L=5)
         >>> res = train(task, preset_spec("tiny", task), TrainConfig(steps=20, progress=False))
     """
-    from . import checkpoint as ckpt
-
     for cb in callbacks:
         if not callable(getattr(cb, "on_step", None)):
             raise ConfigError(f"callback {cb!r} has no on_step(model, step) method")
@@ -240,7 +233,7 @@ def train(
         except CheckpointError:
             parent = None  # a label only: nothing to continue
         if parent is not None:
-            step_offset, lineage = ckpt.parent_lineage(init_from)
+            step_offset, lineage = snapshots.parent_lineage(init_from)
     meta = dict(task=task, spec=spec, config=config, preset=preset, command=command,
                 init_from=init_from, step_offset=step_offset, lineage=lineage)
 
@@ -288,9 +281,9 @@ def train(
     if out is not None and start == 0:
         save(0, complete=False)  # first, so that a run killed while copying below resumes
         if parent is not None:
-            ckpt.carry_snapshots(parent, out)  # skips the files already there
+            snapshots.carry_snapshots(parent, out)  # skips the files already there
         if 0 in snaps:
-            ckpt.save_snapshot(out, step_offset, model)
+            snapshots.save_snapshot(out, step_offset, model)
 
     from tqdm.auto import tqdm
 
@@ -322,7 +315,7 @@ def train(
             if step % config.log_every == 0:
                 history["loss"].append([step, last_loss])
             if step in snaps and out is not None:
-                ckpt.save_snapshot(out, step_offset + step, model)
+                snapshots.save_snapshot(out, step_offset + step, model)
             bar.update(1)
             if step % config.eval_every == 0 or step == config.steps:
                 eval_record(step, last_loss)

@@ -3,8 +3,8 @@
 Eight hidden states follow a Markov chain whose off-diagonal transition weight is ``1/d`` with
 ``d`` the circular distance between states. The authors' released code places the stickiness
 ``s`` on the diagonal, rescales each row to ``1 - s`` and *then* adds ``s`` on the diagonal again,
-so the effective self-transition is 0.3498 for the stated ``s = 0.3`` (PAPERS.md section 3,
-"Known discrepancies"). Both constructions are offered: ``literal_stickiness=False`` (default)
+so the effective self-transition is 0.3498 for the stated ``s = 0.3`` (row 0 is
+``[0.3498, 0.1660, 0.0830, 0.0553, 0.0415, 0.0553, 0.0830, 0.1660]``). Both constructions are offered: ``literal_stickiness=False`` (default)
 reproduces the released code, ``True`` gives a self-transition of exactly ``s``.
 
 Observations are continuous: with symbol means ``mu ∈ R^{8×20}`` drawn once from ``N(0, 1)``

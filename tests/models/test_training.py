@@ -15,7 +15,7 @@ from bayesmanifold.models import (
     preset_spec,
     train,
 )
-from bayesmanifold.models.checkpoint import list_snapshots
+from bayesmanifold.models.snapshots import list_snapshots
 from bayesmanifold.windtunnels import BijectionTask, HMMTask
 
 TASK = BijectionTask(V=6, L=5)

@@ -1,0 +1,320 @@
+"""The TransformerBridge backend of the model-access layer (TransformerLens 4.x, and 3.x's bridge).
+
+A ``TransformerBridge`` wraps a HuggingFace module (``boot_transformers``) or TransformerLens's
+native one (``boot_native``). Capture asks this backend for the same sites as on a
+``HookedTransformer`` and gets the same tensors, with TransformerLens's shapes. The traps it hides
+(measured on 4.3; DESIGN.md, "TransformerLens 4"):
+
+- Raw PyTorch hooks on a bridge see flat tensors (``[batch, pos, heads*d_head]`` for q, k, v, z;
+  ``[batch, head, pos, d_head]`` for rotary q, k). :meth:`BridgeAccess.add_forward_hook` hands
+  the hook a view with TransformerLens's shape and, when the pass records gradients, puts the
+  view back into the forward pass (reshaped back), so that a gradient hook registered on the view
+  fires with the gradient in that shape.
+- ``hook_attn_scores`` is not always the softmax's input (``boot_native`` fires it after the
+  softmax; a naive routing check then reports a residual of 1.0). The ``scores`` site is read
+  where it cannot be wrong: the input of the one softmax call inside the attention module,
+  intercepted with a ``TorchFunctionMode`` while that module runs. An attention that takes no
+  explicit softmax (SDPA, flash attention) is refused with a :class:`ModelError`.
+- Masked scores are ``finfo(dtype).min`` (−inf in compatibility mode): valid entries are those
+  above ``finfo.min / 2``.
+- HuggingFace's scaling is a multiplier; ``attn_scale`` here is the divisor, as on a
+  HookedTransformer.
+- HuggingFace's Llama-family eager attention takes the softmax in float32 even in a float64 model:
+  the laws then hold to float32 precision (~1e-7). The dtype is read from the softmax call and
+  recorded per layer (:attr:`AttentionLayerInfo.softmax_dtype`) as the pass runs.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import ModelError, SelectionError
+from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, AttentionLayerInfo, ModelAccess
+
+__all__ = ["BridgeAccess", "is_bridge"]
+
+_NAME = {
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "z": "attn.hook_z",
+    "scores": "attn.hook_attn_scores",
+    "pattern": "attn.hook_pattern",
+    "resid_pre": "hook_resid_pre",
+    "resid_post": "hook_resid_post",
+}
+
+
+def is_bridge(model: object) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (False when TransformerLens has none)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return False
+    return isinstance(model, TransformerBridge)
+
+
+class _SoftmaxTap(TorchFunctionMode):
+    """While active, hands the input of every 4-D softmax over the last axis to ``on_scores``."""
+
+    def __init__(self, on_scores: Callable[[Tensor, torch.dtype | None], Tensor | None]) -> None:
+        super().__init__()
+        self.on_scores = on_scores
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "softmax" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (-1, 3):
+                self.calls += 1
+                at = 3 if func is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype)
+                dtype = kwargs.get("dtype", args[at] if len(args) > at else None)
+                new = self.on_scores(args[0], dtype)
+                if new is not None:
+                    args = (new, *args[1:])
+        return func(*args, **kwargs)
+
+
+class _Handles:
+    """One ``remove()`` for several hook handles."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class BridgeAccess(ModelAccess):
+    """Facts about a ``TransformerBridge`` and its sites, with TransformerLens's shapes.
+
+    Args:
+        model: a ``TransformerBridge`` (``boot_transformers``, ``boot_native``; default or
+            compatibility mode).
+
+    Raises:
+        ModelError: not a bridge, no attention layer with the hook points capture needs, or an
+            attention implementation without an explicit softmax (load with
+            ``attn_implementation="eager"``).
+    """
+
+    backend = "TransformerBridge"
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107 - documented on the class
+        if not is_bridge(model):
+            raise ModelError(f"expected a TransformerLens TransformerBridge, got {type(model).__name__}")
+        self.model = model
+        self.cfg = getattr(model, "cfg", None)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or len(blocks) == 0:
+            raise ModelError(f"{type(model).__name__} has no blocks: is it a decoder-only language model?")
+        hd = model.hook_dict
+        self.layers: dict[int, AttentionLayerInfo] = {}
+        for layer in range(len(blocks)):
+            names = [f"blocks.{layer}.{_NAME[s]}" for s in ("pattern", "v", "z")]
+            attn = getattr(blocks[layer], "attn", None)
+            if attn is None or not all(n in hd for n in names):
+                continue
+            inner = getattr(attn, "original_component", None)
+            impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+            if impl not in (None, "eager"):
+                raise ModelError(
+                    f"layer {layer}'s attention runs with attn_implementation={impl!r}, which takes no explicit "
+                    "softmax: capture needs the attention scores; load the model with attn_implementation='eager' "
+                    "(bayesmanifold.load_model does)"
+                )
+            self.layers[layer] = AttentionLayerInfo(
+                layer=layer, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, attn_scale=_attn_scale(inner, layer)
+            )
+        if not self.layers:
+            raise ModelError(f"{type(model).__name__} has no attention layer with hook points for pattern, v and z")
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def softmax_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        """The dtype the softmax was taken in where it differs from the model's (seen in a pass; else None)."""
+        seen = {i.softmax_dtype for i in self.layers.values() if i.softmax_dtype is not None}
+        return min(seen, key=lambda d: torch.finfo(d).bits) if seen else None
+
+    @property
+    def is_rotary(self) -> bool:
+        return getattr(self.cfg, "positional_embedding_type", None) == "rotary"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    # ------------------------------------------------------------------ hook names
+    def hook_name(self, site: str, layer: int | None = None) -> str:
+        """The hook point of ``site``; ``scores`` is read at the softmax (see the module doc)."""
+        if site == "embed":
+            return "hook_embed"
+        if site == "final":
+            return "ln_final.hook_out"
+        if site not in _NAME:
+            raise SelectionError(f"unknown site {site!r}; accepted: {', '.join(ATTN_SITES + BLOCK_SITES + MODEL_SITES)}")
+        if layer is None:
+            raise SelectionError(f"site {site!r} is per layer: give a layer")
+        name = f"blocks.{layer}.{_NAME[site]}"
+        if site in ("q", "k") and self.is_rotary:
+            name = name.replace("hook_", "hook_rot_")
+        return name
+
+    def has_site(self, site: str, layer: int | None = None) -> bool:
+        if site == "scores":
+            return layer in self.layers
+        if site in ("q", "k") and self._rotary_inline(layer):
+            return False
+        return super().has_site(site, layer)
+
+    def _rotary_inline(self, layer: int | None) -> bool:
+        """Whether ``layer`` applies rotary inside its module, where ``hook_rot_q``/``hook_rot_k`` never fire (boot_native)."""
+        if not self.is_rotary or layer not in self.layers:
+            return False
+        inner = getattr(self.model.blocks[layer].attn, "original_component", None)
+        return type(inner).__name__ == "NativeAttention" and getattr(inner, "rotary", None) is not None
+
+    def hook_point(self, site: str, layer: int | None = None) -> nn.Module:
+        name = self.hook_name(site, layer)
+        if site in ("q", "k") and self._rotary_inline(layer):
+            raise SelectionError(
+                f"site {site!r} (after rotary) is not available on this boot_native bridge: its attention applies "
+                f"rotary inline and {name!r} never fires; use a HookedTransformer or a HuggingFace-backed bridge"
+            )
+        if name not in self.model.hook_dict:
+            raise SelectionError(f"{type(self.model).__name__} has no hook point {name!r} (site {site!r})")
+        return self.model.hook_dict[name]
+
+    def _shapes(self, site: str, name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]] | None:
+        """(to TransformerLens's shape, back to the bridge's) for a site, or None when they agree."""
+        if site in ("q", "k", "v", "z"):
+            heads = self.n_heads if site in ("q", "z") else self.n_kv_heads
+            if "hook_rot_" in name:  # HuggingFace layout [batch, head, pos, d_head]
+                return (lambda t: t.transpose(1, 2)), (lambda t, like: t.transpose(1, 2))
+
+            def to_site(t: Tensor) -> Tensor:
+                return t if t.dim() == 4 else t.unflatten(-1, (heads, -1))
+
+            def back(t: Tensor, like: Tensor) -> Tensor:
+                return t if like.dim() == 4 else t.flatten(-2)
+
+            return to_site, back
+        return None
+
+    def add_forward_hook(self, site: str, layer: int | None, fn: Any) -> Any:
+        """Register ``fn(module, inputs, output)`` with ``output`` in TransformerLens's shape; returns a handle.
+
+        ``fn`` may return a replacement (in that shape). When the pass records gradients, the
+        view ``fn`` saw is what the model goes on with, so ``output.register_hook`` in ``fn``
+        receives the gradient in TransformerLens's shape.
+        """
+        if site == "scores":
+            return self._tap_scores(layer, fn)
+        point = self.hook_point(site, layer)
+        shapes = self._shapes(site, self.hook_name(site, layer))
+        if shapes is None:
+            return point.register_forward_hook(fn)
+        to_site, back = shapes
+
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+            view = to_site(output)
+            new = fn(module, inputs, view)
+            if new is not None:
+                return back(new, output)
+            if view is not output and output.requires_grad and torch.is_grad_enabled():
+                return back(view, output)  # the model reads the view: gradient hooks on it fire
+            return None
+
+        return point.register_forward_hook(hook)
+
+    def _tap_scores(self, layer: int | None, fn: Any) -> _Handles:
+        if layer not in self.layers:
+            raise SelectionError(f"layer {layer} has no attention scores to tap; attention layers: {sorted(self.layers)}")
+        attn = self.model.blocks[layer].attn
+        taps: list[_SoftmaxTap] = []
+
+        def on_scores(scores: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+            if dtype is not None and dtype != scores.dtype:
+                self.layers[layer] = replace(self.layers[layer], softmax_dtype=dtype)
+            return fn(attn, (), scores)
+
+        def enter(module: nn.Module, args: Any) -> None:
+            tap = _SoftmaxTap(on_scores)
+            taps.append(tap)
+            tap.__enter__()
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            if not taps:
+                return
+            tap = taps.pop()
+            tap.__exit__(None, None, None)
+            if tap.calls != 1:
+                raise ModelError(
+                    f"layer {layer}'s attention took {tap.calls} softmax calls over [batch, head, query, key] "
+                    "(expected exactly one): capture cannot tell which one's input are the attention scores"
+                    + ("; load the model with attn_implementation='eager'" if tap.calls == 0 else "")
+                )
+
+        return _Handles(attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave, always_call=True))
+
+    @staticmethod
+    def valid_from_scores(scores: Float[Tensor, "batch query_pos key_pos"]) -> Bool[Tensor, "batch query_pos key_pos"]:
+        """Which score entries are not masked (bridges mask with ``finfo.min``, or −inf in compatibility mode)."""
+        return scores > torch.finfo(scores.dtype).min / 2
+
+    # ------------------------------------------------------------------ inputs and weights
+    def to_tokens(self, text: str | list[str]) -> Tensor:
+        if self.tokenizer is None:
+            from ..errors import InputError
+
+            raise InputError("got text but the model has no tokenizer; pass token ids Int[batch, pos]")
+        return self.model.to_tokens(text, truncate=False)
+
+    def key_weights(self, layer: int) -> tuple[Float[Tensor, "kv_head d_model d_head"], Tensor | None]:
+        """``W_K`` ``[kv_head, d_model, d_head]`` and ``b_K`` ``[kv_head, d_head]`` (None without a bias)."""
+        attn = self.model.blocks[layer].attn
+        W, b = attn.W_K, getattr(attn, "b_K", None)
+        return W.detach(), (None if b is None else b.detach())
+
+    def token_embedding(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.model.W_E.detach()
+
+    def key_layer_norm(self, layer: int) -> nn.Module | None:
+        ln = getattr(self.model.blocks[layer], "ln1", None)
+        inner = getattr(ln, "original_component", ln)
+        return None if ln is None or isinstance(inner, nn.Identity) else ln
+
+    def unembed(self, resid_final: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return self.model.unembed(resid_final)
+
+    def final_norm(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        ln = getattr(self.model, "ln_final", None)
+        return resid if ln is None else ln(resid)
+
+
+def _attn_scale(inner: Any, layer: int) -> float | None:
+    """The divisor of q·k (HookedTransformer's ``attn_scale``) from the wrapped attention module."""
+    if inner is None:
+        return None
+    scale = getattr(inner, "scale", None)  # TransformerLens's native attention: a divisor
+    if isinstance(scale, int | float) and scale > 0:
+        return float(scale)
+    scaling = getattr(inner, "scaling", None)  # HuggingFace: a multiplier
+    if not isinstance(scaling, int | float) or scaling <= 0:
+        return None
+    divisor = 1.0 / float(scaling)
+    if getattr(inner, "scale_attn_by_inverse_layer_idx", False):  # GPT-2's option, applied separately
+        divisor *= float(getattr(inner, "layer_idx", layer) + 1)
+    return divisor if math.isfinite(divisor) else None
