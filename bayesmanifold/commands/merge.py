@@ -14,11 +14,12 @@ EXAMPLE = "bayesmanifold merge scan-0/ scan-1/ --out scan/ --json scan.json"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of finished scans (same model, data and configuration)")
     p.add_argument("--out", metavar="DIR", help="write the merged heads.csv, summary.json, figures, index.html and state here")
+    p.add_argument("--no-figures", action="store_true", help="skip the heatmap PNGs (faster)")
     add_json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    res = merge_runs(args.dirs, out=args.out)
+    res = merge_runs(args.dirs, out=args.out, figures=not args.no_figures)
     print_result(res, f"merge of {len(args.dirs)} scans")
     if not res.summary.get("covers_whole_corpus", True):
         s = res.summary

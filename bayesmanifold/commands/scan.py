@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
                    help="model dtype (statistics are accumulated in float64 regardless)")
     p.add_argument("--out", metavar="DIR", help="write heads.csv/.parquet, summary.json, figures/, index.html and the resumable state here")
+    p.add_argument("--no-figures", action="store_true", help="skip the heatmap PNGs (faster)")
     add_json_arg(p)
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N batches (needs --out; default 0: only the final state)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         seed=args.seed,
         shard=parse_shard(args.shard),
+        figures=not args.no_figures,
     )
     model = load_model(args.model, device=_device(args.device), dtype=args.dtype, seed=args.seed)
     res = scan(model, config, model_name=args.model)

@@ -36,6 +36,7 @@ class ScanConfig:
         shard: ``(index, count)``: measure only block ``index`` of ``count`` contiguous blocks of
             batches, for runs on separate machines combined later by :func:`merge_runs`.
         progress: show a progress bar (None: only when stderr is a terminal).
+        figures: draw the heatmaps (PNG, and in the HTML page) when writing to ``out``.
     """
 
     data: str
@@ -51,6 +52,7 @@ class ScanConfig:
     seed: int = 0
     shard: tuple[int, int] = (0, 1)
     progress: bool | None = None
+    figures: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str, v: Any, low: int) -> None:

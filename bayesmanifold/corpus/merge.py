@@ -21,8 +21,9 @@ from .state import load_checkpoint, save_checkpoint
 __all__ = ["merge_runs"]
 
 
-def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> ScanResult:
-    """Merge finished scans of disjoint parts of one corpus; write the result to ``out`` if given.
+def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, figures: bool = True) -> ScanResult:
+    """Merge finished scans of disjoint parts of one corpus; write the result to ``out`` if given
+    (with heatmaps unless ``figures`` is False).
 
     Raises:
         CheckpointError: a directory without a finished scan, or parts from another model, data
@@ -88,7 +89,7 @@ def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = No
                 "shard": None}
         save_checkpoint(Path(out) / FINAL_STATE, identity=identity, part=part, next_batch=ranges[-1][1],
                         n_tokens=n_tok, n_sequences=n_seq, accumulators=accs, complete=True, extra={"summary": summary})
-        write_outputs(result, out)
+        write_outputs(result, out, figures=figures)
     return result
 
 

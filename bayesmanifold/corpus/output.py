@@ -16,9 +16,10 @@ from .result import ScanResult
 __all__ = ["write_outputs"]
 
 
-def write_outputs(result: ScanResult, out: str | Path) -> list[str]:
+def write_outputs(result: ScanResult, out: str | Path, *, figures: bool = True) -> list[str]:
     """Write ``heads.csv`` (and ``heads.parquet`` if pyarrow imports), ``summary.json``,
-    ``figures/<stat>.png`` and ``index.html`` to ``out``; returns the paths written."""
+    ``figures/<stat>.png`` (unless ``figures`` is False) and ``index.html`` to ``out``; returns
+    the paths written."""
     d = ensure_dir(out)
     written = []
     df = result.to_dataframe()
@@ -30,7 +31,7 @@ def write_outputs(result: ScanResult, out: str | Path) -> list[str]:
     except ImportError:
         pass
     written.append(str(atomic_write_json(d / "summary.json", result.to_dict())))
-    figs = _figures(result, ensure_dir(d / "figures"))
+    figs = _figures(result, ensure_dir(d / "figures")) if figures else []
     written += [str(p) for p, _ in figs]
     written.append(str(atomic_write_text(d / "index.html", _html(result, figs))))
     return written

@@ -191,7 +191,7 @@ def _scan(model, access, config: ScanConfig, shape: ModelShape, info: ProcessInf
             # already finished: every process rebuilds the merged result, nothing is measured again
             accs = merge_states([final["accumulators"]], config.measures, shape)
             return _finish(accs, final["n_tokens"], final["n_sequences"], identity, part_info, stream, config, shape,
-                           info, model_name, t0, write_state=False)
+                           info, model_name, t0, write_state=False, saved=final["extra"].get("summary", {}))
         ck = _load_matching(rank_ckpt, identity, require=True)
         if ck["part"] != {**part_info, "rank": list(mine), "world_size": info.world_size}:
             raise CheckpointError(
@@ -239,7 +239,7 @@ def _scan(model, access, config: ScanConfig, shape: ModelShape, info: ProcessInf
         bar.close()
     checkpoint(mine[1], True)
     return _finish(accs, n_tok, n_tok // config.seq_len, identity, part_info, stream, config, shape, info,
-                   model_name, t0, write_state=True, rank_ckpt=rank_ckpt)
+                   model_name, t0, write_state=True, rank_ckpt=rank_ckpt, session_tokens=n_tok - n_tok_done)
 
 
 def _load_matching(path: Path, identity: dict, *, require: bool) -> dict | None:
@@ -255,17 +255,21 @@ def _load_matching(path: Path, identity: dict, *, require: bool) -> dict | None:
 
 
 def _finish(accs, n_tok, n_seqs, identity, part_info, stream, config, shape, info, model_name, t0, *, write_state,
-            rank_ckpt=None) -> ScanResult:
+            rank_ckpt=None, session_tokens=0, saved=None) -> ScanResult:
     """Gather and merge every process's state, finalize, and (rank 0) write the outputs."""
     if write_state:  # each process holds its own part: gather and merge in rank order
         states = gather({"accumulators": {n: encode_state(a) for n, a in accs.items()}, "n_tokens": n_tok,
-                         "n_sequences": n_seqs}, info)
+                         "n_sequences": n_seqs, "session_tokens": session_tokens}, info)
         if info.world_size > 1:
             accs = merge_states([s["accumulators"] for s in states], config.measures, shape)
         n_tok = sum(s["n_tokens"] for s in states)
         n_seqs = sum(s["n_sequences"] for s in states)
+        session_tokens = sum(s["session_tokens"] for s in states)
+    elapsed = time.perf_counter() - t0
     summary = scan_summary(identity, part_info, stream.describe(), config, n_tok, n_seqs, info.world_size, model_name,
-                           elapsed=time.perf_counter() - t0)
+                           elapsed=elapsed, tokens_per_s=session_tokens / elapsed if session_tokens else float("nan"))
+    if saved:  # a finished run rebuilt from its state: report how it ran
+        summary.update({k: saved[k] for k in ("world_size", "elapsed_s", "tokens_per_s") if k in saved})
     result = build_result(accs, summary)
     if config.out and info.is_writer:
         from .output import write_outputs
@@ -274,14 +278,15 @@ def _finish(accs, n_tok, n_seqs, identity, part_info, stream, config, shape, inf
             save_checkpoint(Path(config.out) / FINAL_STATE, identity=identity, part=part_info,
                             next_batch=part_info["batches"][1], n_tokens=n_tok, n_sequences=n_seqs, accumulators=accs,
                             complete=True, extra={"summary": summary})
-        write_outputs(result, config.out)
+        write_outputs(result, config.out, figures=config.figures)
     barrier(info)
     if rank_ckpt is not None:
         rank_ckpt.unlink(missing_ok=True)
     return result
 
 
-def scan_summary(identity, part_info, data, config, n_tok, n_seqs, world_size, model_name, elapsed) -> dict[str, Any]:
+def scan_summary(identity, part_info, data, config, n_tok, n_seqs, world_size, model_name, elapsed,
+                 tokens_per_s) -> dict[str, Any]:
     shape = identity["model_shape"]
     return {
         "n_tokens": int(n_tok),
@@ -293,7 +298,7 @@ def scan_summary(identity, part_info, data, config, n_tok, n_seqs, world_size, m
         "n_sequences_total": part_info["n_sequences_total"],
         "model": {"name": model_name, **shape, "fingerprint": identity["model_fingerprint"]},
         "data": {**data, "n_tokens_used_total": part_info["n_sequences_total"] * config.seq_len},
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("out", "resume", "progress")},
-        "elapsed_s": float(elapsed),
-        "tokens_per_s": float(n_tok / elapsed) if elapsed > 0 else float("nan"),
+        "config": {**identity["config"], "data": config.data, "shard": list(config.shard)},
+        "elapsed_s": float(elapsed),  # of this session (a resumed run: since it resumed)
+        "tokens_per_s": float(tokens_per_s),  # tokens measured in this session per second, all processes
     }
