@@ -17,9 +17,9 @@ import sys
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from bayesmanifold.analyses.calibration import measure_calibration
 from bayesmanifold.analyses.monitor import DynamicsMonitor
 from bayesmanifold.windtunnels.bijection import BijectionTask
+from bayesmanifold.windtunnels.calibration import measure_calibration
 
 
 def main(argv=None) -> dict:
