@@ -44,6 +44,9 @@ _WHERE = {
     "replay": "dynamics",
     "Paper3Result": "paper3",
     "paper3_protocol": "paper3",
+    "RoutingMap": "routing_maps",
+    "RoutingMapAccumulator": "routing_maps",
+    "routing_map": "routing_maps",  # module name differs: a submodule attribute would shadow the function
     "pearson": "stats",
     "spearman": "stats",
     "entropy": "stats",

@@ -1,0 +1,85 @@
+"""The map command: HTML + JSON, one-line errors before any work, and the page in a real browser."""
+
+import json
+import re
+
+import pytest
+from browser import dump_dom, png_colour_stats, require_chromium, screenshot
+
+from bayesmanifold.cli import main
+
+PROMPT = "def area(r):\n    return 3.14 * r * r\n\nprint(area(2), area(3))\n"
+
+
+@pytest.fixture(scope="module")
+def toy_map(tmp_path_factory):
+    d = tmp_path_factory.mktemp("map")
+    (d / "prompt.py").write_text(PROMPT, encoding="utf-8")
+    rc = main(["map", "toy", "--prompt-file", str(d / "prompt.py"), "--heads", "0.1,1.*", "--dtype", "float64",
+               "--out", str(d / "map.html"), "--json", str(d / "map.json")])
+    assert rc == 0
+    return d
+
+
+def test_map_writes_page_and_json(toy_map, capsys):
+    d = json.loads((toy_map / "map.json").read_text())
+    assert d["prompt"] == PROMPT and d["token_ids"] == list(PROMPT.encode()) and len(d["tokens"]) == len(PROMPT)
+    assert [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
+    for h in d["heads"]:
+        assert {"pattern", "advantage", "force", "push", "value_update"} <= set(h)
+        assert h["law_residual"] < 1e-10  # float64: the force is autograd's −∂L/∂s
+    page = (toy_map / "map.html").read_text()
+    assert not re.search(r"https?://|//cdn|\bsrc\s*=|<link\b|@import", page, re.I)
+
+
+def test_map_errors_are_one_line_and_come_first(tmp_path, capsys):
+    out = str(tmp_path / "m.html")
+    cases = [
+        (["map", "toy", "--prompt", "", "--out", out], "empty"),
+        (["map", "toy", "--prompt", "x" * 129, "--out", out], "n_ctx=128"),
+        (["map", "toy", "--prompt", "abc", "--heads", "0.9", "--out", out], "head 9 is out of range"),
+        (["map", "toy", "--prompt", "abc", "--heads", "7.0", "--out", out], "layer 7 is out of range"),
+        (["map", "toy", "--prompt", "abc", "--out", str(tmp_path / "no" / "m.html")], "does not exist"),
+        (["map", "toy", "--prompt", "abc", "--out", str(tmp_path)], "is a directory"),
+        (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(tmp_path / "no" / "m.json")], "--json"),
+        (["map", "toy", "--prompt-file", str(tmp_path / "missing.txt"), "--out", out], "does not exist"),
+        (["map", "toy", "--prompt", "abc", "--objective", "pos:5", "--out", out], "positions"),
+    ]
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("bayesmanifold map: error:") and match in err, (argv, err)
+    assert not (tmp_path / "m.html").exists()
+
+
+def test_map_page_draws_in_chromium(toy_map, tmp_path):
+    require_chromium()
+    dom = dump_dom(toy_map / "map.html", tmp_path / "profile")
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    drawn = re.search(r'data-drawn="([^"]*)"', body).group(1)
+    cells = int(re.search(r'data-cells="(\d+)"', body).group(1))
+    nonzero = int(re.search(r'data-nonzero="(\d+)"', body).group(1))
+    n = len(PROMPT)
+    assert re.fullmatch(r"\d+\.\d+", drawn) and cells == n * (n + 1) // 2 and nonzero > n
+    assert dom.count("<span") >= n  # the token strip
+    png = screenshot(toy_map / "map.html", tmp_path / "map.png", tmp_path / "profile")
+    stats = png_colour_stats(png)
+    assert stats["colours"] > 100 and stats["red"] > 500 and stats["blue"] > 500, stats
+
+
+def test_report_index_figures_load_in_chromium(tmp_path):
+    """Every <img> of the report's index.html decodes in a real browser (naturalWidth > 0)."""
+    require_chromium()
+    out = tmp_path / "rep"
+    assert main(["report", "toy", "--out", str(out), "--quick", "--no-progress"]) == 0
+    page = (out / "index.html").read_text()
+    n_img = len(re.findall(r"<img\b", page))
+    assert n_img >= 1
+    probe = out / "probe.html"  # a copy with a script that records what loaded
+    probe.write_text(page.replace("</body>", """<script>window.addEventListener('load',()=>{const im=[...document.images];
+document.body.dataset.nimg=im.length;document.body.dataset.loaded=im.filter(i=>i.complete&&i.naturalWidth>0).length;});
+</script></body>"""), encoding="utf-8")
+    dom = dump_dom(probe, tmp_path / "profile")
+    n = int(re.search(r'data-nimg="(\d+)"', dom).group(1))
+    loaded = int(re.search(r'data-loaded="(\d+)"', dom).group(1))
+    assert n == n_img and loaded == n
