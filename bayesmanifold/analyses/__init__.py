@@ -47,6 +47,8 @@ _WHERE = {
     "RoutingMap": "routing_maps",
     "RoutingMapAccumulator": "routing_maps",
     "routing_map": "routing_maps",  # module name differs: a submodule attribute would shadow the function
+    "induction_scores": "induction",
+    "InductionResult": "induction",
     "pearson": "stats",
     "spearman": "stats",
     "entropy": "stats",

@@ -41,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--snapshots", type=int, default=0, metavar="N",
                         help="save N roughly log-spaced fp16 weight snapshots (incl. step 0)")
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="K",
+                        help="also save a snapshot every K steps (dense replay of a phase change)")
     parser.add_argument("--init-from", metavar="CHECKPOINT", default=None,
                         help="warm start: initial weights from a finished checkpoint of the same "
                         "task and architecture (fresh optimiser and schedule)")
@@ -79,6 +81,8 @@ def _command(args) -> str:
         parts += ["--loss", args.loss]
     if args.snapshots:
         parts += ["--snapshots", str(args.snapshots)]
+    if getattr(args, "snapshot_every", 0):
+        parts += ["--snapshot-every", str(args.snapshot_every)]
     if args.init_from:
         parts += ["--init-from", args.init_from]
     parts += ["--eval-every", str(args.eval_every), "--n-eval", str(args.n_eval), "--out", args.out]
@@ -117,7 +121,7 @@ def run(args) -> int:
         eval_every=min(args.eval_every, args.steps),
         n_eval=args.n_eval,
         checkpoint_every=min(args.checkpoint_every, args.steps),
-        snapshot_steps=log_spaced_steps(args.steps, args.snapshots),
+        snapshot_steps=log_spaced_steps(args.steps, args.snapshots) + tuple(range(0, args.steps + 1, args.snapshot_every or args.steps + 1)[1:]),
         progress=not args.no_progress,
     )
     model = None
@@ -146,6 +150,9 @@ def run(args) -> int:
         "wall_time_s": res.history.get("wall_time_s"),
         "out": args.out,
     }
+    if callable(getattr(task, "describe", None)):  # a text corpus: record which files were read
+        atomic_write_json(f"{args.out}/corpus.json", task.describe())
+        summary["heldout_loss"] = last.get("heldout_loss")
     if args.json:
         atomic_write_json(args.json, summary)
     print(json.dumps(summary))

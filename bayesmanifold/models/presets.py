@@ -43,10 +43,13 @@ PRESETS: dict[str, dict[str, int]] = {
     "hmm-cpu-deep": {"n_layers": 6, "n_heads": 4, "d_model": 64},
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
+    # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks
+    "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1},
+    "stdlib-mlp2": {"n_layers": 2, "n_heads": 4, "d_model": 64},
 }
 
 #: the preset each task uses when none is given.
-DEFAULT_PRESET = {"bijection": "bijection-cpu", "hmm": "hmm-cpu", "recall": "small"}
+DEFAULT_PRESET = {"bijection": "bijection-cpu", "hmm": "hmm-cpu", "recall": "small", "text": "stdlib-attn2"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +74,7 @@ class ModelSpec:
     d_vocab: int
     n_ctx: int
     mlp_context: str = "mean"
+    attn_only: bool = False  # transformer without MLP blocks (recorded only when True)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -85,7 +89,10 @@ class ModelSpec:
             raise ConfigError(f"mlp_context must be 'mean' or 'none'; got {self.mlp_context!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["attn_only"]:
+            del d["attn_only"]  # configs of models with MLPs stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
@@ -124,6 +131,7 @@ def preset_spec(
         d_mlp=(4 * d if arch == "transformer" else 6 * d if arch == "mlp" else 0),
         d_vocab=task.d_vocab,
         n_ctx=n_ctx,
+        attn_only=bool(p.get("attn_only")) and arch == "transformer",
     )
 
 
@@ -134,7 +142,8 @@ def hooked_config(spec: ModelSpec) -> dict[str, Any]:
         d_model=spec.d_model,
         n_heads=spec.n_heads,
         d_head=spec.d_model // spec.n_heads,
-        d_mlp=spec.d_mlp,
+        d_mlp=None if spec.attn_only else spec.d_mlp,
+        attn_only=spec.attn_only,
         d_vocab=spec.d_vocab,
         n_ctx=spec.n_ctx,
         act_fn="gelu",

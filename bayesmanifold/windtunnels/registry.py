@@ -7,10 +7,11 @@ from .base import WindTunnel
 from .bijection import BijectionTask
 from .hmm import HMMTask
 from .recall import RecallTask
+from .text_corpus import TextCorpusTask
 
 __all__ = ["TASKS", "task_from_dict"]
 
-TASKS: dict[str, type] = {"bijection": BijectionTask, "hmm": HMMTask, "recall": RecallTask}
+TASKS: dict[str, type] = {"bijection": BijectionTask, "hmm": HMMTask, "recall": RecallTask, "text": TextCorpusTask}
 
 
 def task_from_dict(d: dict[str, Any]) -> WindTunnel:

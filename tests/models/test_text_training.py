@@ -1,0 +1,81 @@
+"""Training on real text: the stdlib corpus task, attention-only models, `bayesmanifold train text`."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from bayesmanifold.cli import main
+from bayesmanifold.errors import TaskError
+from bayesmanifold.models.checkpoint import load_checkpoint, read_config
+from bayesmanifold.models.presets import ModelSpec, build_model, preset_spec
+from bayesmanifold.models.snapshots import list_snapshots
+from bayesmanifold.windtunnels.registry import task_from_dict
+from bayesmanifold.windtunnels.text_corpus import TextCorpusTask, corpus_files
+
+
+def test_stdlib_corpus_split_and_description():
+    files = corpus_files("stdlib")
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert not any(part in ("test", "tests", "site-packages") or part.startswith("idle_test")
+                   for f in files for part in f.split("/")[:-1])
+    task = TextCorpusTask(seq_len=32, max_files=10)
+    d = task.describe()
+    assert d["python_version"] == sys.version.split()[0] and len(d["sha256"]) == 64
+    assert set(d["train_files"]).isdisjoint(d["heldout_files"]) and len(d["train_files"]) + len(d["heldout_files"]) == 10
+    assert len(d["heldout_files"]) == 1  # of 10 files (holdout_every=20) only file 0 is held out
+    b = task.sample(3, generator=torch.Generator().manual_seed(0))
+    assert b.tokens.shape == (3, 32) and int(b.tokens.max()) < 256 and torch.equal(b.targets, b.tokens[:, 1:])
+    again = task.sample(3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b.tokens, again.tokens)
+    assert task_from_dict(task.to_dict()) == task
+    w = task.heldout_windows(4)
+    assert w.shape == (4, 32) and torch.equal(w, task.heldout_windows(4))
+
+
+def test_text_task_bad_parameters(tmp_path):
+    with pytest.raises(TaskError, match="not a directory"):
+        TextCorpusTask(corpus=str(tmp_path / "none"))._data()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    with pytest.raises(TaskError, match="at least 2"):
+        TextCorpusTask(corpus=str(tmp_path))._data()
+    (tmp_path / "b.py").write_text("y = 2\n")
+    with pytest.raises(TaskError, match="fewer than seq_len"):
+        TextCorpusTask(corpus=str(tmp_path), seq_len=64)._data()
+    with pytest.raises(TaskError):
+        TextCorpusTask(seq_len=1)
+
+
+def test_attention_only_spec():
+    task = TextCorpusTask(seq_len=16, max_files=4)
+    spec = preset_spec("stdlib-attn2", task)
+    assert spec.attn_only and spec.to_dict()["attn_only"] is True
+    model = build_model(spec)
+    assert model.cfg.attn_only and not any("mlp" in n for n, _ in model.named_parameters())
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    mlp = preset_spec("stdlib-mlp2", task)
+    assert "attn_only" not in mlp.to_dict()  # configs of models with MLPs stay as they were
+    assert any("mlp" in n for n, _ in build_model(mlp).named_parameters())
+
+
+def test_train_text_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "text", "--param", "max_files=8", "--param", "seq_len=32", "--preset", "stdlib-attn2",
+            "--steps", "12", "--batch-size", "4", "--eval-every", "6", "--n-eval", "4", "--snapshots", "4",
+            "--snapshot-every", "6", "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["task"] == "text" and summary["heldout_loss"] < 5.6  # below uniform over bytes (ln 256)
+    cfg = read_config(out)
+    assert cfg["complete"] and cfg["model"]["attn_only"] and "--snapshot-every 6" in cfg["command"]
+    corpus = json.loads((out / "corpus.json").read_text())
+    assert corpus["n_files"] == 8 and corpus["tokenization"].startswith("utf8-bytes")
+    steps = [s for s, _ in list_snapshots(out)]
+    assert steps == [0, 1, 3, 6, 12]
+    hist = json.loads((out / "history.json").read_text())
+    assert [e["step"] for e in hist["eval"]] == [6, 12] and all("heldout_loss" in e for e in hist["eval"])
+    model, task, _, _ = load_checkpoint(out)
+    assert isinstance(task, TextCorpusTask)
+    again = task.evaluate(model, n=4)["heldout_loss"]
+    assert again == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
