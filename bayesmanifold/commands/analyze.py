@@ -8,58 +8,76 @@ steps. On a pretrained model with ``--prompts``: Paper III's protocol at each pr
 """
 
 import argparse
-import json
-from typing import Any
+from pathlib import Path
 
-import numpy as np
-import torch
-
-from ..analyses.suite import load_target, text_suite, windtunnel_suite
 from ..errors import InputError
-from ..io import ensure_dir
-from .common import add_device_arg, add_json_arg, add_target_args, format_table, write_json
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    add_seed_arg,
+    add_target_args,
+    at_least,
+    format_table,
+    output_dir,
+    write_json,
+)
 
 NAME = "analyze"
 HELP = "measure key orthogonality, value manifolds, attention focusing, specialization and training dynamics"
 EXAMPLE = "bayesmanifold analyze bijection-v20 --out figures/ --json analyze.json"
+FIGURE_DPI = 120
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target_args(p)
-    p.add_argument("--out", metavar="DIR", help="write figures (PNG) to DIR")
+    p.add_argument("--out", metavar="DIR", type=output_dir, help="write figures (PNG) to DIR")
     add_json_arg(p)
     add_device_arg(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled sequences and of the baselines")
-    p.add_argument("--n-seqs", type=int, default=256, help="wind-tunnel sequences for the geometry (default 256)")
+    add_seed_arg(p, help="seed of the sampled sequences and of the baselines")
+    p.add_argument("--n-seqs", type=at_least(8), default=256, help="wind-tunnel sequences for the geometry (default 256)")
     p.add_argument("--features", choices=["residual", "values_concat", "head_outputs"], default=None,
                    help="representation for the value manifold (default: residual stream on wind tunnels, as Paper I's scripts; values_concat on prompts, as Paper III)")
-    p.add_argument("--max-snapshots", type=int, default=40, help="replay at most this many weight snapshots (default 40)")
+    p.add_argument("--max-snapshots", type=at_least(2), default=40, help="replay at most this many weight snapshots (default 40)")
     p.add_argument("--no-dynamics", action="store_true", help="skip the training-dynamics replay")
     p.add_argument("--dynamics-range", choices=["first-stage", "all"], default="first-stage",
                    help="for a checkpoint trained in stages (warm starts): replay the snapshots of the "
                    "first, from-scratch stage (default) or of every stage")
 
 
+def write_figures(result, out: str | None) -> list[str]:
+    """Each figure of a suite result as ``out/<name>.png`` (atomically); the paths written."""
+    if out is None:
+        return []
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write, ensure_dir
+
+    d = ensure_dir(out)
+    written = []
+    for name in result.figure_names:
+        fig = result.figure(name)
+        path = atomic_write(Path(d) / f"{name}.png", lambda p, fig=fig: fig.savefig(p, format="png", dpi=FIGURE_DPI))
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.n_seqs < 8:
-        raise InputError(f"--n-seqs must be at least 8, got {args.n_seqs}")
-    model, task, cfg, history, ckpt_dir = load_target(args)
+    from ..report import SuiteConfig, load_target, run_suite
+
+    config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
+                         dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
+    target = load_target(args.target, task=args.task, device=args.device, dtype=args.dtype, seed=args.seed)
+    model = target.model
     if not hasattr(model, "blocks") or not hasattr(model, "hooks"):
         raise InputError(f"{args.target!r} holds a {type(model).__name__}, not an attention model; analyze needs a HookedTransformer")
-    out = ensure_dir(args.out) if args.out else None
-    figs: list[str] = []
-    if task is not None and not args.prompts:
-        res = windtunnel_suite(model, task, args, history, ckpt_dir, out, figs)
-    else:
-        res = text_suite(model, args, out, figs)
+    result = run_suite(target, config)
+    res = result.to_dict()
     res["target"] = str(args.target)
     res["model"] = {"n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads, "d_model": model.cfg.d_model, "n_key_value_heads": model.cfg.n_key_value_heads}
-    res["figures"] = figs
-    rows = [
-        {"layer": i, "ko": res["key_orthogonality"][i], "ent": res["attention_entropy"][i]}
-        for i in range(len(res["key_orthogonality"]))
-    ]
+    res["figures"] = figs = write_figures(result, args.out)
+    rows = result.to_dataframe().rename(columns={"key_orthogonality": "ko", "attention_entropy": "ent"}).to_dict("records")
     print(f"analyze {args.target} ({res['mode']})")
     print(format_table(rows, [("layer", "layer", "d"), ("ko", "key orth.", ".3f"), ("ent", "attn entropy", ".3f")]))
     rho = res.get("spearman_pc1_entropy")
@@ -76,13 +94,5 @@ def run(args: argparse.Namespace) -> int:
         )
     if figs:
         print(f"figures: {', '.join(figs)}")
-    write_json(args.json, json.loads(json.dumps(res, default=_json_safe)))
+    write_json(args.json, res)
     return 0
-
-
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray | torch.Tensor):
-        return o.tolist()
-    return str(o)

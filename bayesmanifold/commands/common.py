@@ -1,39 +1,272 @@
-"""Argument helpers shared by the sub-commands (devices, dtypes, JSON output, tokens)."""
+"""What the sub-commands share: argument types that check values as the command line is parsed,
+JSON output, random or text tokens, plain-text tables.
+
+The argument types (:func:`output_file`, :func:`output_dir`, :func:`input_file`, :func:`seed`,
+:func:`device`, :func:`at_least`, ...) run while argparse reads the command line, so a bad value
+(a ``--json`` that names a directory, an ``--out`` that names a file or lies in a directory that
+cannot be written, ``--seed -1``, ``--device tpu``, an empty ``--text`` file) is reported as one
+line with exit code 2 before any model is loaded or any work starts.
+"""
 
 import argparse
+import math
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ..errors import BayesManifoldError, InputError
+from ..errors import BayesManifoldError, ConfigError, InputError
 from ..io import atomic_write_json
 
-__all__ = ["add_device_arg", "add_json_arg", "write_json", "tokens_for", "format_table"]
+__all__ = [
+    "add_device_arg",
+    "add_json_arg",
+    "add_seed_arg",
+    "add_target_args",
+    "at_least",
+    "check_writable_dir",
+    "device",
+    "format_table",
+    "input_file",
+    "model_spec",
+    "output_dir",
+    "output_file",
+    "probability",
+    "replaced_dir",
+    "positive_float",
+    "seed",
+    "tokens_for",
+    "write_json",
+    "BayesManifoldError",
+]
+
+_Bad = argparse.ArgumentTypeError
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (TransformerLens) accepts 0 .. 2**32 - 1
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+# ------------------------------------------------------------------------------- path types
+def _writable_dir(d: Path, what: str) -> None:
+    """``d`` exists, is a directory, and a file can be created in it (probed: ``os.access`` says
+    yes to root on read-only mounts and pseudo file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise _Bad(f"cannot write {what} in directory {str(d)!r}: {exc.strerror or exc}") from None
+
+
+def check_writable_dir(d: str | os.PathLike, what: str, option: str) -> None:
+    """:func:`output_dir`'s check for a directory known only once the command runs (e.g. a
+    checkpoint's): a :class:`~bayesmanifold.errors.ConfigError` naming ``option``."""
+    try:
+        _writable_dir(Path(d), what)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
+def _nearest_existing(p: Path) -> Path:
+    """The path itself or its nearest ancestor that exists (``.`` for a relative path)."""
+    for q in (p, *p.parents):
+        if q.exists():
+            return q
+    return Path(".")
+
+
+def _check_creatable(p: Path, what: str) -> None:
+    """Directories up to ``p`` can be created: the nearest existing ancestor is a writable directory."""
+    base = _nearest_existing(p.parent if str(p.parent) else Path("."))
+    if not base.is_dir():
+        raise _Bad(f"{str(base)!r} is a file, not a directory, so {what} {str(p)!r} cannot be created under it")
+    _writable_dir(base, what)
+
+
+def output_file(text: str) -> str:
+    """A file the command will write (``--json``): not a directory; its directory exists and is
+    writable, or can be created in a writable ancestor."""
+    if not text:
+        raise _Bad("the path is empty")
+    p = Path(text)
+    if p.is_dir():
+        raise _Bad(f"{text!r} is a directory; give a file path such as {str(p / 'out.json')!r}")
+    if p.exists() and not p.is_file():
+        raise _Bad(f"{text!r} exists and is not a regular file")
+    if p.parent.is_dir():
+        _writable_dir(p.parent, "the file")
+    else:
+        _check_creatable(p, "the file")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A directory the command will write (``--out``): an existing writable directory, or a path
+    that can be created (no file in the way, writable nearest ancestor)."""
+    if not text:
+        raise _Bad("the path is empty")
+    p = Path(text)
+    if p.exists():
+        if not p.is_dir():
+            raise _Bad(f"{text!r} is a file, not a directory")
+        _writable_dir(p, "files")
+    else:
+        _check_creatable(p, "the directory")
+    return text
+
+
+def replaced_dir(text: str) -> str:
+    """A directory the command replaces as a whole (the report's ``--out``): as
+    :func:`output_dir`, and its parent must take the new directory."""
+    output_dir(text)
+    p = Path(text)
+    if p.exists():
+        _writable_dir(p.resolve().parent, "the new directory")
+    return text
+
+
+def input_file(text: str) -> str:
+    """A file the command reads (``--text``, ``--prompts``): exists, is a file, is not empty."""
+    p = Path(text)
+    if not p.exists():
+        raise _Bad(f"file {text!r} does not exist")
+    if not p.is_file():
+        raise _Bad(f"{text!r} is a directory; give a text file")
+    if not os.access(p, os.R_OK):
+        raise _Bad(f"file {text!r} is not readable")
+    if p.stat().st_size == 0:
+        raise _Bad(f"file {text!r} is empty")
+    return text
+
+
+def model_spec(text: str) -> str:
+    """``toy``, a local HuggingFace model directory, or a TransformerLens model name."""
+    p = Path(text)
+    accepted = "'toy', a HuggingFace model directory (written by save_pretrained) or a TransformerLens model name"
+    if p.is_file():
+        raise _Bad(f"{text!r} is a file; give {accepted}")
+    looks_like_path = os.path.sep in text or text.startswith(".")
+    if looks_like_path and not p.exists():
+        raise _Bad(f"model directory {text!r} does not exist; give {accepted}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise _Bad(f"{text!r} holds no config.json; give {accepted}")
+    return text
+
+
+# ----------------------------------------------------------------------------- value types
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _Bad(f"expected an integer, got {text!r}") from None
+
+
+def seed(text: str) -> int:
+    """A seed in 0 .. 2**32 − 1."""
+    v = _int(text)
+    if not 0 <= v <= SEED_MAX:
+        raise _Bad(f"a seed must lie in 0..{SEED_MAX}, got {v}")
+    return v
+
+
+def at_least(minimum: int, maximum: int | None = None):
+    """An argument type: an integer >= ``minimum`` (and <= ``maximum``)."""
+
+    def check(text: str) -> int:
+        v = _int(text)
+        if v < minimum or (maximum is not None and v > maximum):
+            span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise _Bad(f"must be an integer {span}, got {v}")
+        return v
+
+    check.__name__ = f"integer >= {minimum}"
+    return check
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise _Bad(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise _Bad(f"expected a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _float(text)
+    if v <= 0:
+        raise _Bad(f"must be > 0, got {v:g}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = _float(text)
+    if v < 0:
+        raise _Bad(f"must be >= 0, got {v:g}")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1)."""
+    v = _float(text)
+    if not 0 <= v < 1:
+        raise _Bad(f"must lie in [0, 1), got {v:g}")
+    return v
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (cuda when available, else cpu), checked
+    against the machine; ``auto`` is resolved here."""
+    if text == "cpu":
+        return text
+    name, _, index = text.partition(":")
+    if name not in ("cuda", "mps", "auto") or (index and (name != "cuda" or not index.isdigit())):
+        raise _Bad(f"unknown device {text!r}; accepted: cpu, cuda, cuda:N, mps, auto")
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise _Bad("device 'mps' was asked for but Apple's MPS is not available here; use cpu")
+        return text
+    if not torch.cuda.is_available():
+        raise _Bad(f"device {text!r} was asked for but no CUDA GPU is available; use cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise _Bad(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+# ------------------------------------------------------------------------------- arguments
+def add_device_arg(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", type=device, default=default, help=f"cpu, cuda[:N], mps or auto (default: {default})")
+
+
+def add_seed_arg(p: argparse.ArgumentParser, default: int = 0, help: str = "seed") -> None:
+    p.add_argument("--seed", type=seed, default=default, help=f"{help} (0..2**32-1; default {default})")
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
     """The model to study, and for a non-checkpoint its wind tunnel or prompts (analyze, report)."""
     p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
-    p.add_argument("--task", metavar="NAME", help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
-    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line: run Paper III's protocol at each final token")
+    p.add_argument("--task", metavar="NAME", choices=["bijection", "hmm", "recall"],
+                   help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
+    p.add_argument("--prompts", metavar="FILE", type=input_file, help="text file, one prompt per line: run Paper III's protocol at each final token")
 
 
-def add_json_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH (atomically)")
+def add_json_arg(p: argparse.ArgumentParser, help: str = "write the numbers as JSON to PATH (atomically)") -> None:
+    p.add_argument("--json", metavar="PATH", type=output_file, help=help)
 
 
-def write_json(path: str | None, data: dict) -> None:
+def write_json(path: str | None, data: Any) -> None:
     if path:
         atomic_write_json(path, data)
 
 
-def tokens_for(model, *, batch_size: int, seq_len: int, text: str | None, seed: int) -> torch.Tensor:
+# --------------------------------------------------------------------------------- tokens
+def tokens_for(model: Any, *, batch_size: int, seq_len: int, text: str | None, seed: int):
     """Token ids ``[batch_size, seq_len]``: from a text file (model tokenizer, or UTF-8 bytes for
     a model without one), else uniformly random ids from a seeded generator."""
+    import torch
+
     if batch_size < 1 or seq_len < 2:
         raise InputError(f"--batch-size must be >= 1 and --seq-len >= 2, got {batch_size} and {seq_len}")
     n_ctx = model.cfg.n_ctx
@@ -51,8 +284,10 @@ def tokens_for(model, *, batch_size: int, seq_len: int, text: str | None, seed: 
         ids = model.tokenizer(raw, return_tensors="pt")["input_ids"][0]
     else:
         ids = torch.tensor(list(raw.encode("utf-8")), dtype=torch.long)
-        if int(ids.max()) >= model.cfg.d_vocab:
-            raise InputError("the text has bytes outside the toy model's vocabulary")
+    if ids.numel() == 0:
+        raise InputError(f"text file {text!r} holds no tokens")
+    if model.tokenizer is None and int(ids.max()) >= model.cfg.d_vocab:
+        raise InputError("the text has bytes outside the toy model's vocabulary")
     need = batch_size * seq_len
     if ids.numel() < need:
         raise InputError(f"the text has {ids.numel()} tokens; {need} are needed for {batch_size}×{seq_len}")
@@ -66,6 +301,3 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for r in rows:
         lines.append("  ".join(f"{format(r[k], fmt):>{max(len(h), 10)}}" for k, h, fmt in columns))
     return "\n".join(lines)
-
-
-__all__ += ["BayesManifoldError"]

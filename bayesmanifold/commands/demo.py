@@ -2,7 +2,7 @@
 
 import argparse
 
-from .report import add_report_options, report_and_print
+from .report import add_report_options, print_report
 
 NAME = "demo"
 HELP = "run every analysis on the shipped bijection-v20 checkpoint plus EM-vs-SGD, and write report/"
@@ -15,4 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return report_and_print(args, args.checkpoint, em_vs_sgd=True)
+    from ..demo import demo_config
+
+    config = demo_config(out=args.out, checkpoint=args.checkpoint, device=args.device, seed=args.seed,
+                         quick=args.quick, progress=not args.no_progress)
+    return print_report(config, args.json)

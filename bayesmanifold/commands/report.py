@@ -2,8 +2,14 @@
 
 import argparse
 
-from ..demo import build_report, summary_lines
-from .common import add_target_args
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    add_seed_arg,
+    add_target_args,
+    replaced_dir,
+    write_json,
+)
 
 NAME = "report"
 HELP = "test the papers' claims on a checkpoint or model and write a self-contained HTML report"
@@ -12,11 +18,11 @@ EXAMPLE = "bayesmanifold report bijection-v20 --out report/"
 
 def add_report_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``report`` and ``demo``."""
-    p.add_argument("--out", default="report", metavar="DIR", help="report directory (default: report)")
+    p.add_argument("--out", default="report", metavar="DIR", type=replaced_dir, help="report directory (default: report)")
     p.add_argument("--quick", action="store_true", help="fewer sequences and seeds")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled sequences (default 0)")
-    p.add_argument("--json", metavar="PATH", help="also write summary.json's content to PATH")
+    add_device_arg(p)
+    add_seed_arg(p, help="seed of the sampled sequences")
+    add_json_arg(p, help="also write summary.json's content to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -26,18 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_report_options(p)
 
 
-def report_and_print(args: argparse.Namespace, target: str, **kwargs) -> int:
+def print_report(config, json_path: str | None) -> int:
     """Build the report, print the short summary, and write ``--json`` if asked."""
-    path, summary = build_report(
-        target, out=args.out, device=args.device, seed=args.seed, quick=args.quick, progress=not args.no_progress, **kwargs
-    )
-    print("\n".join(summary_lines(path, summary)))
-    if args.json:
-        from ..io import atomic_write_json
+    from ..report import build_report, summary_lines
 
-        atomic_write_json(args.json, summary)
+    path, summary = build_report(config)
+    print("\n".join(summary_lines(path, summary)))
+    write_json(json_path, summary)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    return report_and_print(args, args.target, task=args.task, prompts=args.prompts, em_vs_sgd=args.em_vs_sgd)
+    from ..report import ReportConfig
+
+    config = ReportConfig(target=args.target, out=args.out, device=args.device, seed=args.seed, quick=args.quick,
+                          task=args.task, prompts=args.prompts, em_vs_sgd=args.em_vs_sgd, progress=not args.no_progress)
+    return print_report(config, args.json)

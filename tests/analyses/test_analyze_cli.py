@@ -2,7 +2,7 @@
 
 import json
 
-import pytest
+import torch
 
 from bayesmanifold.cli import main
 
@@ -72,5 +72,44 @@ def test_analyze_checkpoint_with_snapshots(tmp_path):
 def test_analyze_errors(tmp_path, capsys):
     assert main(["analyze", "toy", "--prompts", str(tmp_path / "nope.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["analyze"])
+    assert main(["analyze"]) == 2  # a usage error: one line, exit 2 (no SystemExit from main)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "required" in err
+
+
+def _count_passes(model, monkeypatch):
+    """Count the model's forward passes (its forward wrapped on the instance)."""
+    calls, forward = [], model.forward
+
+    def counted(*a, **k):
+        calls.append(1)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+def test_suite_is_a_value_and_runs_one_pass_per_batch(tmp_path, monkeypatch):
+    from bayesmanifold.report import SuiteConfig, SuiteResult, Target, load_target, run_suite
+    from bayesmanifold.windtunnels.bijection import BijectionTask
+
+    monkeypatch.chdir(tmp_path)
+    target = load_target("toy")
+    calls = _count_passes(target.model, monkeypatch)
+    res = run_suite(target, SuiteConfig(seed=1))
+    assert isinstance(res, SuiteResult) and res.mode == "random-tokens"
+    assert len(calls) == 1  # manifold, attention entropy and the per-sequence specialization: one pass
+    assert list(res.to_dataframe().columns) == ["layer", "key_orthogonality", "attention_entropy"]
+    assert json.loads(json.dumps(res.to_dict()))["mode"] == "random-tokens"
+    assert res.plot() is not None and res.figure_names == ["key_orthogonality", "value_manifold", "attention_entropy"]
+    assert list(tmp_path.iterdir()) == []  # the suite writes no file
+
+    task = BijectionTask(V=6, L=5)
+    from helpers import make_model
+
+    model = make_model(torch.float32, 0, d_vocab=task.d_vocab, n_ctx=task.seq_len)
+    calls = _count_passes(model, monkeypatch)
+    res = run_suite(Target(model, task), SuiteConfig(n_seqs=200, dynamics=False))
+    assert len(calls) == 2  # 200 sequences in batches of 128
+    assert "query_key_alignment" in res.to_dataframe().columns
+    assert set(res.to_dict()["manifolds"]) == {"residual", "values_concat"}

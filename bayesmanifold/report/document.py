@@ -1,4 +1,4 @@
-"""A self-contained HTML report: claims first, then one section per analysis.
+"""The report document: findings first, then one section per analysis, written as HTML.
 
 The report is one ``index.html`` with every figure embedded (base64 PNG; no network, opens from
 disk), plus ``summary.json`` and the PNGs beside it. The directory is written atomically: built
@@ -13,18 +13,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BayesManifoldError
-from .io import _json_default, ensure_dir
+from ..errors import BayesManifoldError
+from ..io import _json_default, ensure_dir
 
-__all__ = ["Claim", "Section", "Report"]
+__all__ = ["Finding", "Section", "Report", "figure_png", "section"]
 
 
 @dataclass
-class Claim:
+class Finding:
     """One claim of the papers, tested: what was measured beside what the paper reports."""
 
     claim: str
@@ -53,48 +55,54 @@ section{border-top:1px solid #e5e5e5;margin-top:1.6em;padding-top:.6em} img{max-
 .read{background:#f7f9fc;border-left:3px solid #4a78c2;padding:.4em .8em;margin:.5em 0} code{background:#f2f2f2;padding:0 .25em}
 """
 
+_MARK = {True: "<span class='ok'>yes</span>", False: "<span class='no'>no</span>", None: "<span class='na'>reported</span>"}
 
-def figure_png(fig: Any) -> bytes:
+
+def figure_png(fig: Any, *, dpi: int = 110, tight: bool = True) -> bytes:
     """Render a matplotlib figure to PNG bytes and close it."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
     return buf.getvalue()
 
 
+def section(
+    title: str,
+    how_to_read: str,
+    *,
+    figure: Any = None,
+    png: bytes | None = None,
+    name: str | None = None,
+    numbers: dict[str, Any] | None = None,
+    table: Any = None,
+) -> Section:
+    """A section; ``figure`` is a matplotlib Figure (or ``png`` its bytes), ``table`` a DataFrame."""
+    if figure is not None:
+        png = figure_png(figure)
+    fname = f"{name or _slug(title)}.png" if png is not None else None
+    table_html = None
+    if table is not None:
+        table_html = table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0)
+    return Section(title, how_to_read, png, fname, dict(numbers or {}), table_html)
+
+
 class Report:
-    """Collect claims and sections, then :meth:`write` them to a directory."""
+    """Collect findings and sections, then :meth:`write` them to a directory."""
 
     def __init__(self, title: str, subtitle: str = "") -> None:
         self.title = title
         self.subtitle = subtitle
-        self.claims: list[Claim] = []
+        self.claims: list[Finding] = []
         self.sections: list[Section] = []
 
     def claim(self, claim: str, measured: str, paper: str, held: bool | None, note: str = "") -> None:
-        self.claims.append(Claim(claim, measured, paper, held, note))
+        self.claims.append(Finding(claim, measured, paper, held, note))
 
-    def section(
-        self,
-        title: str,
-        how_to_read: str,
-        *,
-        figure: Any = None,
-        png: bytes | None = None,
-        name: str | None = None,
-        numbers: dict[str, Any] | None = None,
-        table: Any = None,
-    ) -> None:
-        """Add a section; ``figure`` is a matplotlib Figure (or ``png`` its bytes), ``table`` a DataFrame."""
-        if figure is not None:
-            png = figure_png(figure)
-        fname = f"{name or _slug(title)}.png" if png is not None else None
-        table_html = None
-        if table is not None:
-            table_html = table.to_html(index=False, float_format=lambda x: f"{x:.4g}", border=0)
-        self.sections.append(Section(title, how_to_read, png, fname, dict(numbers or {}), table_html))
+    def section(self, title: str, how_to_read: str, **kwargs: Any) -> None:
+        """Add a section (see :func:`section` for the keyword arguments)."""
+        self.sections.append(section(title, how_to_read, **kwargs))
 
     # ---------------------------------------------------------------- rendering
     def render_html(self) -> str:
@@ -110,9 +118,8 @@ class Report:
             parts.append(f"<h2>What was tested, and what held ({held} of {tested} checks)</h2>")
             parts.append("<table><tr><th>claim</th><th>measured here</th><th>paper</th><th>held?</th></tr>")
             for c in self.claims:
-                mark = {True: "<span class='ok'>yes</span>", False: "<span class='no'>no</span>", None: "<span class='na'>reported</span>"}[c.held]
                 note = f"<br><small>{e(c.note)}</small>" if c.note else ""
-                parts.append(f"<tr><td>{e(c.claim)}{note}</td><td>{e(c.measured)}</td><td>{e(c.paper)}</td><td>{mark}</td></tr>")
+                parts.append(f"<tr><td>{e(c.claim)}{note}</td><td>{e(c.measured)}</td><td>{e(c.paper)}</td><td>{_MARK[c.held]}</td></tr>")
             parts.append("</table>")
         for s in self.sections:
             parts.append(f"<section><h2>{e(s.title)}</h2><div class='read'>{e(s.how_to_read)}</div>")
@@ -133,28 +140,39 @@ class Report:
     def write(self, out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
         """Write ``index.html``, ``summary.json`` and the PNGs to ``out_dir`` atomically."""
         out = Path(out_dir)
-        parent = ensure_dir(out.parent if str(out.parent) else ".")
-        if out.exists() and not out.is_dir():
-            raise BayesManifoldError(f"report path {str(out)!r} exists and is not a directory")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         try:
-            tmp.chmod(0o755)  # mkdtemp makes 0700; a report is meant to be read
-            for s in self.sections:
-                if s.figure_png is not None:
-                    (tmp / s.figure_name).write_bytes(s.figure_png)
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-            (tmp / "index.html").write_text(self.render_html(), encoding="utf-8")
-            old = None
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-                os.replace(out, old / "report")
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with _replaced_directory(out) as tmp:
+                for s in self.sections:
+                    if s.figure_png is not None:
+                        (tmp / s.figure_name).write_bytes(s.figure_png)
+                (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+                (tmp / "index.html").write_text(self.render_html(), encoding="utf-8")
+        except OSError as exc:
+            raise BayesManifoldError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}") from None
         return out
+
+
+@contextmanager
+def _replaced_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success it replaces ``out`` (an older one is
+    removed only after the swap), on any error or interrupt it is removed and ``out`` is untouched."""
+    parent = ensure_dir(out.parent if str(out.parent) else ".")
+    if out.exists() and not out.is_dir():
+        raise BayesManifoldError(f"report path {str(out)!r} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; a report is meant to be read
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "report")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _slug(s: str) -> str:

@@ -1,0 +1,310 @@
+"""The main job: test the papers' claims on a model and write a self-contained report.
+
+:func:`build_report` runs, on a wind-tunnel checkpoint (ours, e.g. ``bijection-v20``) or any model
+the ``analyze`` command takes: the routing and value laws on every head (arXiv 2512.22473, §3),
+advantage statistics and the one-step check, calibration against the exact posterior (Paper I),
+the geometry suite (:mod:`.suite`: key orthogonality, the value manifold against Bayes entropy,
+attention focusing, specialization, the frame–precision dynamics from the training record) and,
+optionally, Paper II's EM-like vs SGD experiment with its controls. Each stage returns numbers
+and sections; the claims table (:mod:`.claims`) judges the numbers; the report is written
+atomically (:mod:`.document`).
+"""
+
+import contextlib
+import copy
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..analyses import one_step_check, verify_routing_law
+from ..errors import ConfigError, InputError
+from .claims import judge_claims
+from .document import Report, Section, figure_png, section
+from .suite import SuiteConfig, Target, load_target, run_suite
+from .texts import (
+    ADVANTAGE_COLUMNS,
+    EM_HOW,
+    EM_RECORDED_COLUMNS,
+    EM_RECORDED_HOW,
+    ONE_STEP_COLUMNS,
+    SECTIONS,
+)
+
+__all__ = ["ReportConfig", "build_report", "summary_lines"]
+
+Stage = tuple[dict[str, Any], list[Section]]  # numbers for summary.json, sections for the HTML
+LAW_STEP_LR = 1e-5  # the one-step check's learning rate (float64 copy; first order holds)
+GEOMETRY_DPI = 120  # the suite's figures, as ``analyze --out`` writes them
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """What the report measures and where it goes.
+
+    Attributes:
+        target: a checkpoint directory or shipped name, ``"toy"``, or a local HuggingFace directory.
+        out: the report directory (replaced atomically when complete).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        seed: seed of the sampled sequences (0 .. 2**32 − 1).
+        quick: fewer sequences, snapshots and seeds (for tests and a first look).
+        task: a wind tunnel for a model that is not a checkpoint.
+        prompts: a text file of prompts (Paper III's protocol) for a pretrained model.
+        em_vs_sgd: also run Paper II's EM-like vs SGD experiment with its controls.
+        progress: show a progress bar.
+    """
+
+    target: str = "bijection-v20"
+    out: str = "report"
+    device: str = "cpu"
+    seed: int = 0
+    quick: bool = False
+    task: str | None = None
+    prompts: str | None = None
+    em_vs_sgd: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("target", "out"):
+            if not isinstance(getattr(self, name), str | Path) or not str(getattr(self, name)):
+                raise ConfigError(f"{name} must be a non-empty path or name; got {getattr(self, name)!r}")
+        dev, _, index = str(self.device).partition(":")
+        if dev not in ("cpu", "cuda", "mps") or (index and (dev != "cuda" or not index.isdigit())):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or mps; got {self.device!r}")
+        for name in ("quick", "em_vs_sgd", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        self.suite_config()  # validates seed and prompts
+
+    def suite_config(self) -> SuiteConfig:
+        """The geometry suite's settings (fewer sequences and snapshots when quick)."""
+        return SuiteConfig(seed=self.seed, n_seqs=128 if self.quick else 256, prompts=self.prompts,
+                           max_snapshots=8 if self.quick else 40)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReportConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown ReportConfig fields {unknown}")
+        return cls(**d)
+
+
+def build_report(config: ReportConfig) -> tuple[Path, dict[str, Any]]:
+    """Run every stage on ``config.target`` and write ``index.html`` + ``summary.json`` + PNGs.
+
+    Returns:
+        ``(report directory, summary dict)``.
+
+    Example:
+        >>> path, summary = build_report(ReportConfig(target="toy", out="rep", quick=True))  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    _check_device(config.device)
+    t_start = time.perf_counter()
+    summary: dict[str, Any] = {"target": str(config.target), "quick": config.quick, "seed": config.seed}
+    sections: list[Section] = []
+    timings: dict[str, float] = {}
+    n_stages = 4 + int(config.em_vs_sgd)
+    t0 = time.perf_counter()
+    target = _load(config)  # before the progress bar: a target that cannot be loaded is one line on stderr
+    summary.update(_describe(target))
+    timings["load"] = time.perf_counter() - t0
+    with tqdm(total=n_stages, initial=1, desc="report", disable=not config.progress, unit="stage") as bar:
+
+        @contextmanager
+        def stage(name: str) -> Iterator[None]:
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            yield
+            timings[name] = time.perf_counter() - t0
+            bar.update()
+
+        def add(result: Stage) -> None:
+            summary.update(result[0])
+            sections.extend(result[1])
+
+        with stage("gradient laws"):
+            add(gradient_laws(target, seed=config.seed, quick=config.quick))
+        if target.task is not None:
+            with stage("calibration"):
+                add(calibration(target, seed=config.seed, quick=config.quick))
+        else:
+            bar.update()
+        with stage("geometry & manifold"):
+            add(geometry(target, config.suite_config()))
+        if config.em_vs_sgd:
+            with stage("EM vs SGD"):
+                add(em_vs_sgd(quick=config.quick))
+    summary["stage_seconds"] = timings
+    findings = judge_claims(summary)
+    summary["claims"] = [asdict(f) for f in findings]
+    summary["wall_s"] = time.perf_counter() - t_start
+    rep = Report(f"bayesmanifold report: {config.target}", _subtitle(target))
+    rep.claims, rep.sections = findings, sections
+    return rep.write(config.out, summary), summary
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' was asked for but Apple's MPS is not available here; use cpu")
+
+
+def _load(config: ReportConfig) -> Target:
+    target = load_target(config.target, task=config.task, device=config.device, dtype="float32", seed=config.seed)
+    if not hasattr(target.model, "blocks"):
+        raise InputError(f"{config.target!r} holds a {type(target.model).__name__}, not an attention model; "
+                         "the report needs a HookedTransformer")
+    return target
+
+
+def _describe(target: Target) -> dict[str, Any]:
+    c = target.model.cfg
+    out: dict[str, Any] = {"model": {"n_layers": c.n_layers, "n_heads": c.n_heads, "d_model": c.d_model,
+                                     "n_key_value_heads": c.n_key_value_heads,
+                                     "n_params": int(sum(p.numel() for p in target.model.parameters()))}}
+    if target.task is not None:
+        out["task"] = target.task.to_dict()
+    return out
+
+
+def _subtitle(target: Target) -> str:
+    c, tk = target.model.cfg, target.task
+    return f"{c.n_layers} layers × {c.n_heads} heads, d_model {c.d_model}" + (f"; task {tk.NAME}" if tk is not None else "") + _trained_by(target.config)
+
+
+def _trained_by(cfg: dict) -> str:
+    """How a checkpoint was trained: its command, and its earlier stages if it was warm-started."""
+    if not cfg.get("command"):
+        return ""
+    stages = cfg.get("lineage") or []
+    if not stages:
+        return f"; trained by: {cfg['command']}"
+    total = int(cfg.get("step_offset", 0)) + int(cfg.get("step", 0))
+    earlier = "; ".join(f"{st.get('command')}" for st in stages)
+    return f"; trained in {len(stages) + 1} stages, {total:,} steps in all: {earlier}; then {cfg['command']}"
+
+
+def _fig(result: Any):
+    ax = result.plot()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def _titled(name: str, **kwargs: Any) -> Section:
+    title, how = SECTIONS[name]
+    return section(title, how, name=name, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ stages
+def _double(model: Any) -> Any:
+    """A float64 copy of a HookedTransformer, so the laws can be checked to ~1e-12."""
+    m = copy.deepcopy(model)
+    m.cfg.dtype = torch.float64
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
+        return m.to(torch.float64)
+
+
+def gradient_laws(target: Target, *, seed: int, quick: bool) -> Stage:
+    """The routing and value laws against autograd, advantage statistics and one gradient step (float64)."""
+    from ..hooks import loss_at_positions
+
+    model, tk = target.model, target.task
+    if tk is not None:
+        batch = tk.sample(16 if quick else 64, generator=seed + 7)
+        tokens, objective, how = batch.tokens, loss_at_positions(batch.positions.tolist()), "next-token loss at the task's scored positions"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, model.cfg.d_vocab, (4, min(32, model.cfg.n_ctx)), generator=g)
+        objective, how = None, "next-token loss on random tokens"
+    m64 = _double(model)
+    law, adv = verify_routing_law(m64, tokens.to(model.cfg.device), objective=objective)
+    step = one_step_check(m64, tokens.to(model.cfg.device), lr=LAW_STEP_LR, objective=objective, scope="layer_qk")
+    del m64
+    s = law.summary()
+    numbers = {
+        "routing_law": {k: v for k, v in s.items() if k != "heads"} | {"objective": how, "dtype": "float64"},
+        "routing_law_heads": s["heads"],
+        "advantage": adv.rows,
+        "one_step": {"lr": step.lr, "scope": step.scope, "loss_before": step.loss_before,
+                     "loss_after": step.loss_after, "heads": step.rows},
+    }
+    sections = [
+        _titled("routing_law", figure=_fig(law), numbers=dict(numbers["routing_law"])),
+        _titled("advantage", figure=_fig(adv), table=adv.to_dataframe()[ADVANTAGE_COLUMNS]),
+        _titled("one_step", figure=_fig(step), table=step.to_dataframe()[ONE_STEP_COLUMNS]),
+    ]
+    return numbers, sections
+
+
+def calibration(target: Target, *, seed: int, quick: bool) -> Stage:
+    """Predictive entropy against the exact Bayesian posterior of the wind tunnel."""
+    from ..windtunnels.calibration import measure_calibration
+
+    n = 200 if quick else 1000
+    cal = measure_calibration(target.model, target.task, n_seqs=n, generator=seed + 3)
+    numbers = {"calibration": {"entropy_mae_bits": cal.entropy_mae_bits, "mean_kl_bits": cal.mean_kl_bits, "n_seqs": n}}
+    return numbers, [_titled("calibration", figure=_fig(cal), numbers=dict(numbers["calibration"]))]
+
+
+def geometry(target: Target, config: SuiteConfig) -> Stage:
+    """The geometry suite; its figures rendered as ``analyze --out`` writes them."""
+    res = run_suite(target, config)
+    sections = [_titled(name, png=figure_png(res.figure(name), dpi=GEOMETRY_DPI, tight=False)) for name in res.figure_names]
+    return {"analyze": res.to_dict()}, sections
+
+
+def em_vs_sgd(*, quick: bool) -> Stage:
+    """Paper II's EM-like vs SGD run live (SGD and EM-like only); the controls from the recorded
+    full run, labelled with the command that made it (they take minutes more on 2 CPU cores)."""
+    import pandas as pd
+
+    from ..experiments.em_vs_sgd import EMvsSGDConfig, run_em_vs_sgd
+
+    cfg = EMvsSGDConfig(seeds=(42, 2024) if quick else (42, 2024, 1337, 7777, 9999), steps=300 if quick else 1000, controls=False)
+    res = run_em_vs_sgd(cfg)
+    numbers: dict[str, Any] = {"em_vs_sgd": res.to_dict()}
+    live_title = SECTIONS["em_vs_sgd"][0]
+    table = pd.DataFrame(res.to_dataframe())
+    recorded = recorded_em_vs_sgd()
+    if recorded is None:
+        return numbers, [section(live_title, EM_HOW, figure=_fig(res), name="em_vs_sgd", table=table)]
+    rows = [{"method": k, **{f: v.get(f) for f in EM_RECORDED_COLUMNS}}
+            for k, v in [("sgd", recorded["sgd"]), ("em_like", recorded["em_like"]), *recorded["controls"].items()]]
+    numbers["em_vs_sgd_recorded"] = recorded
+    how = EM_HOW + EM_RECORDED_HOW.format(command=recorded.get("command", "bayesmanifold reproduce em-vs-sgd"))
+    return numbers, [section(live_title, how, figure=_fig(res), name="em_vs_sgd", table=table),
+                     _titled("em_vs_sgd_recorded", table=pd.DataFrame(rows))]
+
+
+def recorded_em_vs_sgd() -> dict[str, Any] | None:
+    """The recorded full EM-vs-SGD run with controls, shipped with the package (or None)."""
+    f = resources.files("bayesmanifold.experiments").joinpath("em_vs_sgd_recorded.json")
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def summary_lines(path: Path, summary: dict[str, Any]) -> list[str]:
+    """The short text summary printed after a report (at most ten lines)."""
+    claims = summary.get("claims", [])
+    held = sum(c["held"] is True for c in claims)
+    tested = sum(c["held"] is not None for c in claims)
+    lines = [f"bayesmanifold report on {summary['target']}: {held} of {tested} checks held ({summary['wall_s']:.0f} s)"]
+    for c in claims[:8]:
+        mark = {True: "✓", False: "✗", None: "·"}[c["held"]]
+        lines.append(f" {mark} {c['claim'][:60]}: {c['measured'][:70]}")
+    lines.append(f"report: {Path(path) / 'index.html'}")
+    return lines[:10]
