@@ -1,8 +1,13 @@
 """The ``bayesmanifold`` command line: a thin layer over the library's functions.
 
 Each sub-command lives in ``bayesmanifold/commands/<name>.py`` and defines ``NAME``, ``HELP``,
-``EXAMPLE``, ``add_arguments(parser)`` and ``run(args) -> int``. Errors caused by bad input are
-printed as one line on stderr with exit code 2; ``--debug`` shows the full traceback.
+``EXAMPLE``, ``add_arguments(parser)`` and ``run(args) -> int``.
+
+The error contract: a bad invocation (an unknown option, a value out of range, an output path that
+cannot be written, a model that cannot be loaded, ...) prints ONE line on stderr and exits with
+code 2, without a traceback; an interrupt prints one line and exits with 130. Values are checked
+while the command line is parsed (see :mod:`bayesmanifold.commands.common`), before any work.
+``--debug`` shows the full traceback instead.
 """
 
 import argparse
@@ -14,6 +19,9 @@ from collections.abc import Sequence
 from .errors import BayesManifoldError
 
 __all__ = ["main", "build_parser"]
+
+PROG = "bayesmanifold"
+MAX_MESSAGE = 400  # characters of an error message printed (some libraries list thousands of names)
 
 # One entry per sub-command module, in the order --help lists them.
 COMMAND_MODULES: list[str] = [
@@ -31,9 +39,24 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class UsageError(Exception):
+    """A command line argparse rejected; ``prog`` names the (sub-)command."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (and printed by :func:`main` as one line)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bayesmanifold",
+    parser = _Parser(
+        prog=PROG,
         description="Measure the gradient dynamics of attention on TransformerLens models "
         "(advantage routing, responsibility-weighted values, Bayesian manifolds).",
     )
@@ -54,24 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: object, limit: int = MAX_MESSAGE) -> str:
+    """An error message as one line of at most ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fail(prog: str, message: object, code: int = 2) -> int:
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _os_message(exc: OSError) -> str:
+    where = f" {exc.filename!r}" if exc.filename else ""
+    return f"{exc.strerror or exc}{':' if where else ''}{where}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
-    debug = getattr(args, "debug", False)
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    prog = PROG
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0) if not isinstance(exc.code, str) else _fail(prog, exc.code)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 0
+        prog = f"{PROG} {args.command}"
         return int(args._run(args) or 0)
+    except UsageError as exc:
+        if debug:
+            raise
+        return _fail(exc.prog, exc)
     except BayesManifoldError as exc:
         if debug:
             raise
-        print(f"bayesmanifold {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(prog, exc)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"bayesmanifold {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader of our output went away (``bayesmanifold checkpoints | head``): stop quietly,
@@ -80,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+    except OSError as exc:  # the file system or the network said no: a disk full, a lost mount
+        if debug:
+            raise
+        return _fail(prog, _os_message(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ import json
 
 from ..errors import ConfigError
 from ..io import atomic_write_json
+from .common import add_device_arg, add_json_arg, add_seed_arg, at_least, check_writable_dir
 
 NAME = "calibrate"
 HELP = "measure a checkpoint's entropy-calibration MAE and per-position KL against Bayes"
@@ -12,34 +13,36 @@ EXAMPLE = "bayesmanifold calibrate hmm-k20 --k 50 --n-seqs 1000 --json hmm_k50.j
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or shipped name (see `checkpoints`)")
-    parser.add_argument("--n-seqs", type=int, default=1000, help="evaluation sequences")
-    parser.add_argument("--k", type=int, default=None,
+    parser.add_argument("--n-seqs", type=at_least(1), default=1000, help="evaluation sequences")
+    parser.add_argument("--k", type=at_least(1), default=None,
                         help="HMM only: number of observations (length generalisation, e.g. 30, 50)")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the evaluation sequences")
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_seed_arg(parser, default=12345, help="seed of the evaluation sequences")
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
     parser.add_argument("--logit-lens", action="store_true",
                         help="also report the per-layer logit-lens KL (transformers)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH")
+    add_device_arg(parser)
+    add_json_arg(parser)
     parser.add_argument("--record", action="store_true",
                         help="write metrics.json into the checkpoint directory: this measurement, "
                         "a quick one (--quick-n-seqs) that tests re-measure, and for HMM the K=30 "
                         "and K=50 length generalisation")
-    parser.add_argument("--quick-n-seqs", type=int, default=200)
+    parser.add_argument("--quick-n-seqs", type=at_least(1), default=200)
 
 
 def run(args) -> int:
+    from ..models.checkpoint import load_checkpoint, resolve_checkpoint
     from ..windtunnels.calibration import calibration_from_probs, logit_lens_kl, measure_calibration
-    from ..models.checkpoint import load_checkpoint
-    from .windtunnel_args import resolve_device
 
-    device = resolve_device(args.device)
+    device = args.device
+    if args.record:
+        if args.k is not None:
+            raise ConfigError("--record measures the trained length; do not combine it with --k")
+        # metrics.json goes into the checkpoint directory: check before measuring
+        check_writable_dir(resolve_checkpoint(args.checkpoint), "metrics.json", "--record")
     model, task, cfg, _ = load_checkpoint(args.checkpoint, device=device)
     if args.k is not None:
         if task.NAME != "hmm":
             raise ConfigError(f"--k applies to HMM checkpoints only; this one is {task.NAME!r}")
-        if args.k < 1:
-            raise ConfigError(f"--k must be >= 1; got {args.k}")
         n_ctx = cfg["model"]["n_ctx"]
         new = task.with_K(args.k)
         if new.seq_len > n_ctx:
@@ -96,11 +99,9 @@ def _record(args, model, task, cfg, out, device) -> None:
     """metrics.json beside the weights: full, quick and (HMM) length-generalisation numbers."""
     from pathlib import Path
 
-    from ..windtunnels.calibration import measure_calibration
     from ..models.checkpoint import resolve_checkpoint
+    from ..windtunnels.calibration import measure_calibration
 
-    if args.k is not None:
-        raise ConfigError("--record measures the trained length; do not combine it with --k")
     quick = measure_calibration(model, task, n_seqs=args.quick_n_seqs, generator=args.seed,
                                 batch_size=args.batch_size, device=device)
     rec = dict(out)

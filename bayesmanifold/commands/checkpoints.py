@@ -3,6 +3,7 @@
 import json
 
 from ..io import atomic_write_json
+from .common import add_json_arg
 
 NAME = "checkpoints"
 HELP = ("list the shipped wind-tunnel checkpoints (name, task, arch, params, steps of the last "
@@ -11,7 +12,7 @@ EXAMPLE = "bayesmanifold checkpoints --json checkpoints.json"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="write the list as JSON to PATH")
+    add_json_arg(parser, help="write the list as JSON to PATH")
 
 
 def run(args) -> int:

@@ -10,7 +10,15 @@ import argparse
 import os
 import sys
 
-from ..errors import ConfigError
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    at_least,
+    output_dir,
+    positive_float,
+    probability,
+    seed,
+)
 
 NAME = "reproduce"
 HELP = "reproduce a paper experiment with controls (em-vs-sgd: Paper II's sticky-chain EM-like vs SGD)"
@@ -21,21 +29,21 @@ EXPERIMENTS = ("em-vs-sgd",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", choices=EXPERIMENTS, help="which experiment")
-    p.add_argument("--seeds", type=int, default=5, metavar="N", help="first N of the seeds 42 2024 1337 7777 9999 (default 5)")
-    p.add_argument("--steps", type=int, default=1000, metavar="N", help="full-batch steps per run (default 1000)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--out", default="em_vs_sgd_out", metavar="DIR", help="directory for the figures (default em_vs_sgd_out)")
-    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH (atomically)")
+    p.add_argument("--seeds", type=at_least(1), default=5, metavar="N", help="first N of the seeds 42 2024 1337 7777 9999 (default 5)")
+    p.add_argument("--steps", type=at_least(1), default=1000, metavar="N", help="full-batch steps per run (default 1000)")
+    add_device_arg(p)
+    p.add_argument("--out", default="em_vs_sgd_out", metavar="DIR", type=output_dir, help="directory for the figures (default em_vs_sgd_out)")
+    add_json_arg(p)
     p.add_argument("--deep", action="store_true", help="also train the deep 4×4 TransformerLens variant (slow on CPU)")
-    p.add_argument("--deep-steps", type=int, default=2000, metavar="N", help="steps of the deep variant (default 2000)")
+    p.add_argument("--deep-steps", type=at_least(1), default=2000, metavar="N", help="steps of the deep variant (default 2000)")
     p.add_argument("--no-controls", action="store_true", help="only SGD and EM-like (no controls)")
     p.add_argument("--no-probes", action="store_true", help="skip the capture probes and the dynamics figure")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01)")
-    p.add_argument("--value-lr", type=float, default=0.1, help="EM-like learning rate on W_V (default 0.1)")
-    p.add_argument("--stickiness", type=float, default=0.3, help="stated stickiness s in [0, 1) (default 0.3)")
-    p.add_argument("--data-seed", type=int, default=None, metavar="S",
+    p.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate (default 0.01)")
+    p.add_argument("--value-lr", type=positive_float, default=0.1, help="EM-like learning rate on W_V (default 0.1)")
+    p.add_argument("--stickiness", type=probability, default=0.3, help="stated stickiness s in [0, 1) (default 0.3)")
+    p.add_argument("--data-seed", type=seed, default=None, metavar="S",
                    help="one shared sequence from seed S (default: each seed samples its own, as the released script)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, metavar="N", help="torch CPU threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.em_vs_sgd.deep import DeepConfig
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     config = EMvsSGDConfig(
         seeds=seeds_for(args.seeds),

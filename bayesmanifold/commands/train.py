@@ -8,7 +8,16 @@ import torch
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..windtunnels.registry import TASKS
-from .windtunnel_args import make_task, parse_params, quote_command, resolve_device
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    add_seed_arg,
+    at_least,
+    non_negative_float,
+    output_dir,
+    positive_float,
+)
+from .windtunnel_args import make_task, parse_params, quote_command
 
 NAME = "train"
 HELP = "train a transformer, LSTM or MLP on a wind tunnel; resumes a partial run in --out"
@@ -27,29 +36,29 @@ def add_arguments(parser) -> None:
                         help="model size (default: the task's CPU preset)")
     parser.add_argument("--mlp-context", choices=("mean", "none"), default="mean",
                         help="what the MLP baseline sees of the prefix")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5%%)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--steps", type=at_least(1), default=1000)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--warmup", type=at_least(0), default=None, help="warm-up steps (default 5%%)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.01)
     parser.add_argument("--loss", choices=("hard", "soft"), default=None,
                         help="default: the task's (bijection hard, hmm soft)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--n-eval", type=int, default=256)
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--snapshots", type=int, default=0, metavar="N",
+    add_seed_arg(parser)
+    add_device_arg(parser)
+    parser.add_argument("--eval-every", type=at_least(1), default=500)
+    parser.add_argument("--n-eval", type=at_least(1), default=256)
+    parser.add_argument("--checkpoint-every", type=at_least(1), default=500)
+    parser.add_argument("--snapshots", type=at_least(0), default=0, metavar="N",
                         help="save N roughly log-spaced fp16 weight snapshots (incl. step 0)")
-    parser.add_argument("--snapshot-every", type=int, default=0, metavar="K",
+    parser.add_argument("--snapshot-every", type=at_least(0), default=0, metavar="K",
                         help="also save a snapshot every K steps (dense replay of a phase change)")
     parser.add_argument("--init-from", metavar="CHECKPOINT", default=None,
                         help="warm start: initial weights from a finished checkpoint of the same "
                         "task and architecture (fresh optimiser and schedule)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", metavar="PATH", help="write the final metrics as JSON")
-    parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory")
+    add_json_arg(parser, help="write the final metrics as JSON")
+    parser.add_argument("--out", required=True, metavar="DIR", type=output_dir, help="checkpoint directory")
 
 
 def log_spaced_steps(steps: int, n: int) -> tuple:
@@ -96,15 +105,11 @@ def run(args) -> int:
     from ..models.training import TrainConfig, train
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = args.device
     task = make_task(args.task, parse_params(args.param))
     if args.preset is None:
         args.preset = DEFAULT_PRESET.get(task.NAME, "small")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1; got {args.steps}")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
     spec = preset_spec(args.preset, task, arch=args.arch)

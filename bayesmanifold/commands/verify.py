@@ -2,9 +2,17 @@
 
 import argparse
 
-from ..analyses import verify_routing_law
-from ..hooks.loading import load_model
-from .common import add_device_arg, add_json_arg, format_table, tokens_for, write_json
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    add_seed_arg,
+    at_least,
+    format_table,
+    input_file,
+    model_spec,
+    tokens_for,
+    write_json,
+)
 
 NAME = "verify"
 HELP = "verify the advantage routing law and the value-update law against autograd, per head"
@@ -12,17 +20,20 @@ EXAMPLE = "bayesmanifold verify --model toy --dtype float64 --json out.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy", metavar="SPEC", help="'toy' (default), a local HuggingFace directory, or a pretrained name (online)")
+    p.add_argument("--model", default="toy", metavar="SPEC", type=model_spec, help="'toy' (default), a local HuggingFace directory, or a pretrained name (online)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     add_device_arg(p)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--text", metavar="FILE", help="tokenise this text file instead of random tokens")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and the toy model")
+    p.add_argument("--batch-size", type=at_least(1), default=4)
+    p.add_argument("--seq-len", type=at_least(2), default=64)
+    p.add_argument("--text", metavar="FILE", type=input_file, help="tokenise this text file instead of random tokens")
+    add_seed_arg(p, help="seed of the random tokens and the toy model")
     add_json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analyses import verify_routing_law
+    from ..hooks import load_model
+
     model = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     tokens = tokens_for(model, batch_size=args.batch_size, seq_len=args.seq_len, text=args.text, seed=args.seed)
     law, adv = verify_routing_law(model, tokens)

@@ -1,14 +1,12 @@
-"""Helpers shared by the wind-tunnel commands (train, calibrate): task parameters and devices."""
+"""Helpers of the wind-tunnel commands (train): task parameters and the recorded command line."""
 
 import shlex
 from typing import Any
 
-import torch
-
-from ..errors import ConfigError, TaskError
+from ..errors import TaskError
 from ..windtunnels.registry import TASKS, task_from_dict
 
-__all__ = ["parse_params", "make_task", "resolve_device", "quote_command"]
+__all__ = ["parse_params", "make_task", "quote_command"]
 
 DEFAULT_TASK_PARAMS: dict[str, dict[str, Any]] = {
     "bijection": {"V": 20, "L": 19},
@@ -47,17 +45,6 @@ def make_task(name: str, params: dict[str, Any]):
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; accepted: {sorted(TASKS)}")
     return task_from_dict({"task": name, **DEFAULT_TASK_PARAMS.get(name, {}), **params})
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> cuda when available else cpu; checks that cuda exists when asked for."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} requested but CUDA is not available; use cpu or auto")
-    if name != "cpu" and not name.startswith("cuda") and name != "mps":
-        raise ConfigError(f"--device must be cpu, cuda[:N], mps or auto; got {name!r}")
-    return name
 
 
 def quote_command(parts: list[str]) -> str:

@@ -219,7 +219,7 @@ def hf_config_dict(path: str | os.PathLike) -> dict[str, Any]:
     with _neutral_config_dir(raw) as alias:
         try:
             cfg = loading.convert_hf_model_config(str(alias), local_files_only=True)
-        except (NotImplementedError, ValueError, KeyError, AttributeError) as exc:
+        except (NotImplementedError, ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
             raise ModelError(
                 f"{str(p)!r} holds an architecture TransformerLens cannot convert "
                 f"({type(exc).__name__}: {exc})"
@@ -238,6 +238,8 @@ def load_hf_directory(path: str | os.PathLike, *, device: str = "cpu", dtype: st
             architecture TransformerLens cannot convert.
     """
     p = Path(path)
+    if p.is_file():
+        raise ModelError(f"{str(p)!r} is a file; expected a model directory written by save_pretrained")
     if not p.is_dir():
         raise ModelError(f"model directory {str(p)!r} does not exist")
     if not (p / "config.json").is_file():
@@ -257,8 +259,8 @@ def _load_hf(p: Path, dt: torch.dtype):
     cfg_dict = hf_config_dict(p)
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(p), torch_dtype=dt, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the weights in {str(p)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - missing, corrupt or foreign weight files raise many types
+        raise ModelError(f"could not load the weights in {str(p)!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, TypeError):
@@ -267,11 +269,20 @@ def _load_hf(p: Path, dt: torch.dtype):
         # No tokenizer saved: stop TransformerLens from trying to load one by name (2.x does).
         cfg_dict = {**cfg_dict, "tokenizer_name": None}
     model = build_hooked(cfg_dict, device="cpu", dtype=dt, tokenizer=tok)
-    state = loading.get_pretrained_state_dict(str(p), model.cfg, hf_model=hf, dtype=dt)
-    model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
-    )
+    try:
+        state = loading.get_pretrained_state_dict(str(p), model.cfg, hf_model=hf, dtype=dt)
+        model.load_and_process_state_dict(
+            state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+        )
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:  # weights that do not fit the config
+        raise ModelError(f"the weights in {str(p)!r} do not fit its config: {type(exc).__name__}: {_first_line(exc)}") from None
     return model
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (some list thousands of names)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype = "float32", seed: int = 0):
@@ -293,7 +304,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
             return HookedTransformer.from_pretrained_no_processing(spec, device=device, dtype=dt).eval()
     except Exception as exc:  # the hub raises many types (network, unknown name)
         raise ModelError(
-            f"could not load pretrained model {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"could not load pretrained model {spec!r} ({type(exc).__name__}: {_first_line(exc)}); "
             "accepted: 'toy', a local HuggingFace directory, or a TransformerLens model name (needs network)"
         ) from None
 
