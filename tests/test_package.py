@@ -1,4 +1,5 @@
-"""Importing changes nothing: no output, no global seeding; a short explicit __all__; --help lists commands."""
+"""Importing changes nothing: no output, no global seeding, no torch; an explicit __all__ of every
+measurement a user calls; --help lists commands."""
 
 import subprocess
 import sys
@@ -19,19 +20,37 @@ def test_import_is_silent_and_does_not_seed():
     assert out.stdout == ""
 
 
+def test_import_is_cheap():
+    code = "import sys, bayesmanifold; print('torch' in sys.modules, len(bayesmanifold.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", str(len(__import__("bayesmanifold").__all__))]
+    assert out.stderr == ""
+
+
 def test_all_is_short_and_importable():
     import bayesmanifold
 
-    assert 0 < len(bayesmanifold.__all__) <= 15
+    # the engine, the error family, and every measurement (accumulator or one-call form)
+    assert 0 < len(bayesmanifold.__all__) <= 30
+    assert len(set(bayesmanifold.__all__)) == len(bayesmanifold.__all__)
     for name in bayesmanifold.__all__:
         assert hasattr(bayesmanifold, name)
+    for name in ("capture", "Batch", "load_model", "BayesManifoldError", "verify_routing_law", "key_orthogonality",
+                 "value_manifold", "attention_entropy", "specialization", "DynamicsMonitor", "paper3_protocol"):
+        assert name in bayesmanifold.__all__
+    from bayesmanifold import analyses
+
+    # every measurement of analyses: its accumulators/monitors and its one-call functions (not the
+    # result types, the shared statistics or the base class HeadStats)
+    stats = {"pearson", "spearman", "entropy", "js_divergence", "stabilization_step", "settling_step", "collect_features"}
+    measurements = {n for n in analyses.__all__ if (n[0].islower() and n not in stats)
+                    or (n.endswith(("Accumulator", "Check", "Stats", "Monitor")) and n != "HeadStats")}
+    assert measurements <= set(bayesmanifold.__all__), sorted(measurements - set(bayesmanifold.__all__))
 
 
 def test_help_lists_every_command(capsys):
-    try:
-        main(["--help"])
-    except SystemExit as e:
-        assert e.code == 0
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for name in COMMAND_MODULES:
         assert name in out
