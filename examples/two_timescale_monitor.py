@@ -2,7 +2,7 @@
 
 Attention patterns (the "frame") should settle long before the values (the "precision") stop
 refining. This script trains a small TransformerLens model on the bijection wind tunnel with a
-plain PyTorch loop and plugs :class:`bayesmanifold.analyses.monitor.DynamicsMonitor` into it:
+plain PyTorch loop and plugs :class:`bayesmanifold.DynamicsMonitor` into it:
 one line, ``monitor.on_step(model, step)``, after each optimizer step.
 
 Run:
@@ -17,9 +17,8 @@ import sys
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from bayesmanifold.analyses.monitor import DynamicsMonitor
+from bayesmanifold import DynamicsMonitor, measure_calibration
 from bayesmanifold.windtunnels.bijection import BijectionTask
-from bayesmanifold.windtunnels.calibration import measure_calibration
 
 
 def main(argv=None) -> dict:
@@ -89,9 +88,6 @@ def main(argv=None) -> dict:
 
         atomic_write_json(args.state, monitor.state())
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
         ax = res.plot()
         ax.figure.tight_layout()
         ax.figure.savefig(args.plot, dpi=120)

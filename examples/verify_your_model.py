@@ -20,9 +20,11 @@ quick = "--quick" in sys.argv
 cfg = HookedTransformerConfig(
     n_layers=2 if quick else 4, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=100,
     n_ctx=64, act_fn="gelu", normalization_type="LN", n_key_value_heads=2,
-    positional_embedding_type="rotary", rotary_dim=16, seed=0, dtype=torch.float64,
+    positional_embedding_type="rotary", rotary_dim=16, dtype=torch.float64,
 )
-model = HookedTransformer(cfg).eval()
+with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).eval()
 gen = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, 100, (4, 32), generator=gen) for _ in range(2 if quick else 8)]
 
