@@ -1,16 +1,71 @@
-"""Builders shared by the tests: tiny TransformerLens models from configs, hook counting.
+"""Builders shared by the tests: tiny TransformerLens models from configs, hook counting, and what
+the installed TransformerLens can do (for skips by feature).
 
 Models are built with a local seed inside ``torch.random.fork_rng``: TransformerLens's ``seed=``
-config field would reseed the global torch, numpy and Python RNGs.
+config field would reseed the global torch, numpy and Python RNGs. On TransformerLens 4 (no
+HookedTransformer) :func:`make_model` boots the native bridge with the same config and the same
+initial weights (the HookedTransformer's initialisation replayed draw for draw).
 """
 
+from importlib.metadata import version
+
+import pytest
 import torch
 
 
-def make_model(dtype=torch.float64, seed=0, **overrides):
-    """A tiny HookedTransformer (2 layers, 4 heads, d_model 32) with config overrides."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def _has_hooked() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+def _has_bridge() -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        return hasattr(TransformerBridge, "boot_transformers")
+    except ImportError:
+        return False
+
+
+def _has_native_bridge() -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint  # noqa: F401
+
+        return hasattr(TransformerBridge, "boot_native")
+    except ImportError:
+        return False
+
+
+TL_VERSION = version("transformer-lens")
+#: TransformerLens 2.18 and 3.x: HookedTransformer exists (4.0 removed it).
+HAS_HOOKED = _has_hooked()
+#: TransformerBridge over HuggingFace models (3.x and 4.x).
+HAS_BRIDGE = _has_bridge()
+#: boot_native and convert_tl_checkpoint (4.x): our models and checkpoints as bridges.
+HAS_NATIVE_BRIDGE = _has_native_bridge()
+
+needs_hooked = pytest.mark.skipif(
+    not HAS_HOOKED, reason=f"needs HookedTransformer, which TransformerLens {TL_VERSION} does not have (4.0 removed it)"
+)
+needs_bridge = pytest.mark.skipif(
+    not HAS_BRIDGE, reason=f"needs TransformerBridge, which TransformerLens {TL_VERSION} does not have (3.x and 4.x do)"
+)
+needs_native_bridge = pytest.mark.skipif(
+    not HAS_NATIVE_BRIDGE,
+    reason=f"needs TransformerBridge.boot_native and convert_tl_checkpoint, which TransformerLens {TL_VERSION} lacks (4.x has them)",
+)
+
+
+def make_model(dtype=torch.float64, seed=0, **overrides):
+    """A tiny model (2 layers, 4 heads, d_model 32) with config overrides.
+
+    A HookedTransformer where TransformerLens has one; on TransformerLens 4 the native
+    TransformerBridge with the same config and the same initial weights.
+    """
     cfg = dict(
         n_layers=2,
         d_model=32,
@@ -27,15 +82,23 @@ def make_model(dtype=torch.float64, seed=0, **overrides):
     cfg.update(overrides)
     if cfg.get("attn_only"):
         cfg["d_mlp"] = None
+    if not HAS_HOOKED:
+        from bayesmanifold.hooks.bridge_loading import build_native
+
+        with torch.random.fork_rng(devices=[]):
+            return build_native(cfg, seed=seed, dtype=cfg["dtype"])
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return HookedTransformer(HookedTransformerConfig(**cfg)).eval()
 
 
 def hook_count(model) -> int:
-    """Every forward/backward hook on every hook point (TL-visible and raw PyTorch ones)."""
+    """Every forward/backward hook on every module (hook points, and the attention modules a bridge's
+    score tap uses), plus any torch function mode left active."""
     n = 0
-    for hp in model.hook_dict.values():
-        n += len(hp._forward_hooks) + len(hp._backward_hooks) + len(hp._forward_pre_hooks)
-        n += len(getattr(hp, "_backward_pre_hooks", {}))
-    return n
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+        n += len(getattr(m, "_backward_pre_hooks", {}))
+    return n + torch._C._len_torch_function_stack()

@@ -75,7 +75,10 @@ class AttentionLayerInfo:
 
 
 def _require_hooked(model: object) -> None:
-    from transformer_lens.hook_points import HookedRootModule
+    try:
+        from transformer_lens.hook_points import HookedRootModule
+    except ImportError:  # TransformerLens 4 exports it from the top level only
+        from transformer_lens import HookedRootModule
 
     if not isinstance(model, HookedRootModule):
         raise ModelError(

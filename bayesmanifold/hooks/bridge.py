@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError, SelectionError
 from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, AttentionLayerInfo, ModelAccess
+from .batch import Batch
 
 __all__ = ["BridgeAccess", "is_bridge"]
 
@@ -275,6 +276,28 @@ class BridgeAccess(ModelAccess):
         return scores > torch.finfo(scores.dtype).min / 2
 
     # ------------------------------------------------------------------ inputs and weights
+    def prepare_batch(self, inputs: Any, attention_mask: Tensor | None = None) -> Batch:
+        """As :meth:`ModelAccess.prepare_batch`; refuses left padding where the bridge's gradients are wrong.
+
+        TransformerLens 3.x bridges in compatibility mode mask with −inf and take the softmax of
+        fully masked (left-padding) query rows as is: its NaN leaks into every gradient (4.x masks
+        those rows first).
+        """
+        batch = super().prepare_batch(inputs, attention_mask)
+        m = batch.attention_mask
+        if m is not None and bool((m[:, 0] == 0).any()) and getattr(self.model, "compatibility_mode", False):
+            from transformer_lens.model_bridge.generalized_components.attention import (
+                AttentionBridge,
+            )
+
+            if not hasattr(AttentionBridge, "_masked_softmax"):
+                raise ModelError(
+                    "left padding on a TransformerBridge in compatibility mode: this TransformerLens version takes "
+                    "the softmax of fully masked rows as is and its NaN reaches every gradient; use right padding, "
+                    "the bridge's default mode, or TransformerLens 4"
+                )
+        return batch
+
     def to_tokens(self, text: str | list[str]) -> Tensor:
         if self.tokenizer is None:
             from ..errors import InputError
