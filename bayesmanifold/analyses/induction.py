@@ -49,20 +49,23 @@ def repeated_random_tokens(
 
 
 def induction_targets(tokens: Tensor, min_match: int = 2) -> Tensor:
-    """Per position the key after the most recent earlier occurrence of the ``min_match``-gram
-    ending there (−1 where it has none): the induction target on real text."""
+    """Per position the key after the most recent earlier, non-overlapping occurrence of the
+    ``min_match``-gram ending there (−1 where it has none): the induction target on real text.
+    (Non-overlapping: in a run like ``"    "`` the target is never the query itself.)"""
     if min_match < 1:
         raise InputError(f"min_match must be >= 1, got {min_match}")
     toks = torch.as_tensor(tokens)
     toks = toks[None] if toks.dim() == 1 else toks
     out = torch.full(toks.shape, -1, dtype=torch.long)
     for b, row in enumerate(toks.tolist()):
-        last: dict[tuple, int] = {}
-        for i in range(min_match - 1, len(row)):
-            key = tuple(row[i - min_match + 1 : i + 1])
+        last: dict[tuple, int] = {}  # n-grams ending at p <= i - min_match, by their last end p
+        n = min_match
+        for i in range(n - 1, len(row)):
+            if i - n >= n - 1:
+                last[tuple(row[i - 2 * n + 1 : i - n + 1])] = i - n
+            key = tuple(row[i - n + 1 : i + 1])
             if key in last:
                 out[b, i] = last[key] + 1
-            last[key] = i
     return out
 
 

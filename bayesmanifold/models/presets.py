@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
     # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks
-    "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1},
+    "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "rotary": 1},
     "stdlib-mlp2": {"n_layers": 2, "n_heads": 4, "d_model": 64},
 }
 
@@ -75,6 +75,7 @@ class ModelSpec:
     n_ctx: int
     mlp_context: str = "mean"
     attn_only: bool = False  # transformer without MLP blocks (recorded only when True)
+    rotary: bool = False  # rotary positions instead of learned absolute ones (recorded only when True)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -90,8 +91,9 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["attn_only"]:
-            del d["attn_only"]  # configs of models with MLPs stay as they were
+        for flag in ("attn_only", "rotary"):
+            if not d[flag]:
+                del d[flag]  # configs without these options stay as they were
         return d
 
     @classmethod
@@ -132,6 +134,7 @@ def preset_spec(
         d_vocab=task.d_vocab,
         n_ctx=n_ctx,
         attn_only=bool(p.get("attn_only")) and arch == "transformer",
+        rotary=bool(p.get("rotary")) and arch == "transformer",
     )
 
 
@@ -148,7 +151,8 @@ def hooked_config(spec: ModelSpec) -> dict[str, Any]:
         n_ctx=spec.n_ctx,
         act_fn="gelu",
         normalization_type="RMSPre",
-        positional_embedding_type="standard",
+        positional_embedding_type="rotary" if spec.rotary else "standard",
+        rotary_dim=spec.d_model // spec.n_heads if spec.rotary else None,
         default_prepend_bos=False,
     )
 

@@ -17,6 +17,8 @@ def test_targets():
     t = induction_targets(torch.tensor([[1, 2, 3, 1, 2, 4, 1, 2]]), min_match=2)
     assert t[0].tolist() == [-1, -1, -1, -1, 2, -1, -1, 5]
     assert induction_targets(torch.tensor([1, 2, 1, 1]), min_match=1)[0].tolist() == [-1, -1, 1, 3]
+    spaces = induction_targets(torch.tensor([5, 0, 0, 0, 0, 0, 7, 0, 0, 0]), min_match=3)[0].tolist()
+    assert spaces == [-1] * 9 + [6]  # never the query itself or an overlapping copy
     with pytest.raises(InputError):
         repeated_random_tokens(1, 1, high=5, generator=torch.Generator())
 

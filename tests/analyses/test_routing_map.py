@@ -26,9 +26,9 @@ def _oracle(model, tokens):
     return out
 
 
-@pytest.mark.parametrize("kv", [None, 2])
-def test_alpha_advantage_force_match_autograd(gen, kv):
-    model = make_model(torch.float64, seed=3, n_key_value_heads=kv)
+@pytest.mark.parametrize("overrides", [{}, {"n_key_value_heads": 2}, {"positional_embedding_type": "rotary", "rotary_dim": 8, "attn_only": True}])
+def test_alpha_advantage_force_match_autograd(gen, overrides):
+    model = make_model(torch.float64, seed=3, **overrides)
     tokens = torch.randint(0, 50, (1, 20), generator=gen)
     m = routing_map(model, tokens)
     ref = _oracle(model, tokens)

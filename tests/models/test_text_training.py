@@ -53,9 +53,10 @@ def test_attention_only_spec():
     assert spec.attn_only and spec.to_dict()["attn_only"] is True
     model = build_model(spec)
     assert model.cfg.attn_only and not any("mlp" in n for n, _ in model.named_parameters())
+    assert spec.rotary and model.cfg.positional_embedding_type == "rotary" and model.cfg.rotary_dim == 16
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     mlp = preset_spec("stdlib-mlp2", task)
-    assert "attn_only" not in mlp.to_dict()  # configs of models with MLPs stay as they were
+    assert "attn_only" not in mlp.to_dict() and "rotary" not in mlp.to_dict()  # other configs stay as they were
     assert any("mlp" in n for n, _ in build_model(mlp).named_parameters())
 
 
