@@ -175,3 +175,15 @@ def test_claim_marks(held, mark, tmp_path):
     rep = Report("t")
     rep.claim("c", "m", "p", held)
     assert f"class='{mark}'" in rep.render_html()
+
+
+def test_only_tasks_with_an_exact_posterior_get_the_wind_tunnel_suite():
+    from bayesmanifold.report.suite import has_exact_posterior
+    from bayesmanifold.windtunnels.bijection import BijectionTask
+
+    class Corpus:  # a text corpus task evaluates itself on held-out text: no posterior to compare with
+        def evaluate(self, model):
+            return {}
+
+    assert has_exact_posterior(BijectionTask(V=6, L=5))
+    assert not has_exact_posterior(None) and not has_exact_posterior(Corpus())

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError, InputError, ModelError
 
-__all__ = ["SuiteConfig", "SuiteResult", "Target", "load_target", "run_suite"]
+__all__ = ["SuiteConfig", "SuiteResult", "Target", "has_exact_posterior", "load_target", "run_suite"]
 
 FEATURE_KINDS = ("residual", "values_concat", "head_outputs")
 DYNAMICS_RANGES = ("first-stage", "all")
@@ -212,6 +212,12 @@ def load_target(spec: str, *, task: str | None = None, device: str = "cpu", dtyp
     return Target(model, tk)
 
 
+def has_exact_posterior(task: Any) -> bool:
+    """A wind tunnel with an exact Bayesian posterior (a text corpus task, which evaluates itself
+    on held-out text instead, has none)."""
+    return task is not None and not hasattr(task, "evaluate")
+
+
 def run_suite(target: Target, config: SuiteConfig) -> SuiteResult:
     """Measure ``target`` as ``config`` says: the wind-tunnel suite when it has a task and no
     prompts were given, else the text suite (prompts or random tokens)."""
@@ -219,6 +225,6 @@ def run_suite(target: Target, config: SuiteConfig) -> SuiteResult:
 
     if not hasattr(target.model, "blocks"):
         raise InputError(f"the target holds a {type(target.model).__name__}, not an attention model; the suite needs a HookedTransformer")
-    if target.task is not None and not config.prompts:
+    if has_exact_posterior(target.task) and not config.prompts:
         return measure.windtunnel_suite(target, config)
     return measure.text_suite(target.model, config)
