@@ -26,6 +26,8 @@ from torch import nn
 from ..errors import CheckpointError, ModelError
 
 __all__ = [
+    "hooked_available",
+    "hooked_fields",
     "bridge_config",
     "hooked_init_state_dict",
     "build_native",
@@ -43,6 +45,20 @@ _FIELDS = (
     "n_key_value_heads", "default_prepend_bos", "use_attn_scale", "attn_scale", "final_rms",
     "gated_mlp", "original_architecture", "d_vocab_out", "tokenizer_prepends_bos",
 )
+
+
+def hooked_available() -> bool:
+    """Whether the installed TransformerLens has ``HookedTransformer`` (2.18 and 3.x; 4.0 removed it)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hooked_fields(cfg: Any) -> dict[str, Any]:
+    """The HookedTransformer config fields of a bridge's config (what :func:`build_native` takes)."""
+    return {k: getattr(cfg, k) for k in _FIELDS if getattr(cfg, k, None) is not None or k == "normalization_type"}
 
 
 def bridge_config(fields: dict[str, Any], dtype: torch.dtype | None = None) -> Any:

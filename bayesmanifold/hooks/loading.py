@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ModelError
+from . import bridge_loading
 
 __all__ = [
     "load_model",
@@ -110,6 +111,9 @@ def build_hooked(
     fields.update(seed=None, device="cpu")
     # TransformerLens prints "Moving model to device" on build and .to(); keep stdout clean.
     with contextlib.redirect_stdout(io.StringIO()), keep_global_rng():
+        if not bridge_loading.hooked_available():  # TransformerLens 4: the native bridge, the same weights
+            dt = parse_dtype(fields.get("dtype") or torch.float32)
+            return bridge_loading.build_native(fields, seed=seed, device=device, dtype=dt, tokenizer=tokenizer)
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         torch.random.default_generator.manual_seed(seed)
@@ -253,6 +257,8 @@ def load_hf_directory(path: str | os.PathLike, *, device: str = "cpu", dtype: st
 
 
 def _load_hf(p: Path, dt: torch.dtype):
+    if not bridge_loading.hooked_available():  # TransformerLens 4: a bridge over the HF module
+        return bridge_loading.load_hf_bridge(p, dtype=dt)
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -297,6 +303,9 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | torch.dtype = "fl
         return load_hf_directory(spec, device=device, dtype=dtype)
     dt = parse_dtype(dtype)
     _check_device_dtype(device, dt)
+    if not bridge_loading.hooked_available():
+        with keep_global_rng():
+            return bridge_loading.load_named_bridge(spec, device=device, dtype=dt)
     try:
         with keep_global_rng():
             from transformer_lens import HookedTransformer
@@ -319,6 +328,12 @@ def load_fitting_state_dict(model: nn.Module, sd: Any, where: str) -> None:
     """
     if not isinstance(sd, dict):
         raise CheckpointError(f"{where} is not a state dict")
+    from .bridge import is_bridge
+
+    if is_bridge(model):  # TransformerLens 4 (either format of state dict)
+        return bridge_loading.load_bridge_state_dict(model, sd, where)
+    if any(k.endswith(".q.weight") for k in sd):  # written by a native bridge: HookedTransformer keys
+        sd = bridge_loading.to_hooked_state_dict(sd, model.cfg)
     ref = model.state_dict()
     params = {k for k, _ in model.named_parameters()}
     missing = sorted(params - set(sd))
@@ -339,6 +354,10 @@ def fresh_like(model: Any, seed: int = 0) -> Any:
     Seeded inside ``torch.random.fork_rng``: the global RNG is left as found (TransformerLens's
     ``seed=`` config field would reseed it, so it is cleared).
     """
+    from .bridge import is_bridge
+
+    if is_bridge(model):
+        return build_hooked(bridge_loading.hooked_fields(model.cfg), seed=seed, dtype=model.cfg.dtype)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     d = model.cfg.to_dict()

@@ -19,7 +19,12 @@ import math
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+
+try:
+    from transformer_lens.hook_points import HookedRootModule
+except ImportError:  # TransformerLens 4 exports it from the top level only
+    from transformer_lens import HookedRootModule
 
 from ..errors import InputError
 
