@@ -137,7 +137,18 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
 def test_subprocess_interrupt_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bayesmanifold", "verify", "--seq-len", "64"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(1.0)  # start-up: the command modules, torch and the model are being imported or built
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120
+    # interrupt once torch is being loaded (inside main(): the command modules import it), or after 1 s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            if not maps.parent.exists():
+                time.sleep(1.0)
+                break
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     if proc.returncode == 0:
