@@ -43,17 +43,19 @@ def _position_groups(n_pos: int, n_buckets: int = N_GROUPS) -> torch.Tensor:
     return torch.clamp((torch.arange(n_pos) * n_buckets) // max(n_pos, 1), max=n_buckets - 1)
 
 
+_SQUARE = ("scores", "pattern")  # sites shaped [batch, head, query, key]; the others are [batch, pos, ...]
+
+
 def _rows(bundle: Any, rows: slice, n_pos: int | None = None) -> Any:
-    """The bundle of sequences ``rows`` (and the first ``n_pos`` positions): batch-first tensors sliced."""
+    """The bundle of sequences ``rows`` (and their first ``n_pos`` positions): every batch-first
+    tensor sliced alike, so an accumulator sees a smaller batch of the same pass."""
     q = slice(None) if n_pos is None else slice(0, n_pos)
 
-    def cut(t: Any, pos_dims: int) -> Any:
-        if t is None:
-            return None
-        t = t[rows]
-        for d in range(1, 1 + pos_dims):
-            t = t.narrow(d, 0, n_pos) if n_pos is not None else t
-        return t
+    def seq(t: Any) -> Any:  # [batch, pos, ...]
+        return None if t is None else t[rows][:, q]
+
+    def square(t: Any) -> Any:  # [batch, head, query, key]
+        return None if t is None else t[rows][:, :, q, q]
 
     b = bundle.batch
     batch = Batch(
@@ -62,13 +64,12 @@ def _rows(bundle: Any, rows: slice, n_pos: int | None = None) -> Any:
         positions=None if b.positions is None else b.positions[rows, q],
         labels={k: (v[rows, q] if v.dim() > 1 else v[rows]) for k, v in b.labels.items()},
     )
-    acts = {k: (cut(v, 1) if v.dim() > 1 and v.shape[0] == bundle.pattern.shape[0] else v) for k, v in bundle.acts.items()}
+    acts = {k: (square(v) if k in _SQUARE else seq(v)) for k, v in bundle.acts.items()}
+    valid = bundle.valid[rows][:, q, q]
     return replace(
-        bundle, pattern=bundle.pattern[rows][:, :, q, q], values=cut(bundle.values, 1), grad_z=cut(bundle.grad_z, 1),
-        grad_pattern=None if bundle.grad_pattern is None else bundle.grad_pattern[rows][:, :, q, q],
-        grad_scores=None if bundle.grad_scores is None else bundle.grad_scores[rows][:, :, q, q],
-        grad_values=cut(bundle.grad_values, 1), valid=cut(bundle.valid, 2), query_valid=cut(bundle.query_valid, 1),
-        batch=batch, acts=acts,
+        bundle, pattern=square(bundle.pattern), values=seq(bundle.values), grad_z=seq(bundle.grad_z),
+        grad_pattern=square(bundle.grad_pattern), grad_scores=square(bundle.grad_scores),
+        grad_values=seq(bundle.grad_values), valid=valid, query_valid=seq(bundle.query_valid), batch=batch, acts=acts,
     )
 
 
