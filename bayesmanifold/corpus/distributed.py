@@ -43,9 +43,12 @@ def env_world_size() -> int:
 
 
 @contextlib.contextmanager
-def process_group(timeout_s: float = 1800.0) -> Iterator[ProcessInfo]:
+def process_group(timeout_s: float = 86400.0) -> Iterator[ProcessInfo]:
     """The scan's processes: an existing process group, one made from torchrun's environment
-    (destroyed on exit), or this process alone."""
+    (destroyed on exit), or this process alone.
+
+    The timeout is long because a rank that finishes (or resumes) early legitimately waits for
+    the others at the final gather; torchrun ends the whole group if one process dies."""
     if dist.is_available() and dist.is_initialized():
         yield ProcessInfo(dist.get_rank(), dist.get_world_size())
         return

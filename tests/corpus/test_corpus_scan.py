@@ -103,10 +103,13 @@ def test_figures_are_heatmaps_embedded_in_the_page(model, corpus, tmp_path):
     assert "data:image/png;base64," in (tmp_path / "index.html").read_text()
 
 
-def test_value_update_norms_match_a_direct_computation(model, corpus):
+@pytest.mark.parametrize("kv", [None, 2])
+def test_value_update_norms_match_a_direct_computation(model, corpus, kv):
     from bayesmanifold.corpus.data import read_corpus
     from bayesmanifold.hooks.access import model_access
 
+    if kv is not None:  # grouped-query attention: each query head's own Σ_i α_ij u_i
+        model = make_model(d_vocab=256, n_ctx=64, n_key_value_heads=kv)
     stream = read_corpus(corpus, model_access(model), seq_len=SEQ, max_tokens=SEQ * BATCH)
     res = scan(model, config(corpus, measures=("value_norms",), max_tokens=SEQ * BATCH))
     with capture(model, keep=True) as cap:
