@@ -33,7 +33,6 @@ def test_scores_and_force_against_run_with_cache(gen):
     k = tgt[b, q]
     for idx, (layer, head) in enumerate(res.heads):
         a = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]
-        gs = cache[f"blocks.{layer}.attn.hook_attn_scores_grad"][:, head]
         assert res.score[idx] == pytest.approx(float(a[b, q, k].mean()), abs=1e-12)
         assert res.prev_token[idx] == pytest.approx(float(torch.diagonal(a, -1, -2, -1).mean()), abs=1e-12)
         assert 0 <= res.force_share_target[idx] <= 1

@@ -1,0 +1,80 @@
+"""The byte-level stdlib models (``stdlib-attn2``, ``stdlib-mlp2``): what ships in ``metrics.json``.
+
+:func:`checkpoint_metrics` measures a finished text checkpoint: its held-out loss (the training
+run's evaluation, ``n_eval`` windows, and a tiny 8-window evaluation the tests re-measure), the
+induction score of every head (:func:`bayesmanifold.analyses.induction_scores` on 16 repeated
+random printable-ASCII sequences of 2 × 48 bytes, seed 0) at every weight snapshot, and per head
+the step at which its score rose: the first snapshot whose score exceeds half of the head's
+maximum over training, for heads whose maximum reaches ``rise_min`` (default 0.2; else None).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..analyses.induction import induction_scores
+from ..io import atomic_write_json
+from ..models.checkpoint import load_checkpoint, resolve_checkpoint
+from ..models.snapshots import list_snapshots, load_snapshot
+
+__all__ = ["checkpoint_metrics", "write_metrics", "rise_step", "TINY_WINDOWS", "TINY_SEQS"]
+
+TINY_WINDOWS = 8  # held-out windows of the tiny evaluation the tests repeat
+TINY_SEQS = 4  # repeated sequences of the tiny induction measurement the tests repeat
+
+
+def rise_step(steps: list[int], scores: np.ndarray, rise_min: float = 0.2) -> int | None:
+    """First step whose score exceeds half the maximum (None if the maximum stays below rise_min)."""
+    top = float(np.max(scores))
+    if top < rise_min:
+        return None
+    return int(next(s for s, v in zip(steps, scores) if v > 0.5 * top))
+
+
+def checkpoint_metrics(checkpoint: str | Path, *, n_seqs: int = 16, half: int = 48, seed: int = 0,
+                       rise_min: float = 0.2) -> dict[str, Any]:
+    """Held-out loss and induction scores (per snapshot) of a finished text checkpoint."""
+    model, task, cfg, history = load_checkpoint(checkpoint)
+    n_eval = int(cfg["train"]["n_eval"])
+    full = task.evaluate(model, n=n_eval)
+    tiny = task.evaluate(model, n=TINY_WINDOWS)
+    final = induction_scores(model, n_seqs=n_seqs, half=half, seed=seed)
+    tiny_ind = induction_scores(model, n_seqs=TINY_SEQS, half=half, seed=seed)
+    steps, per_snap = [], []
+    for step, _ in list_snapshots(checkpoint):
+        r = induction_scores(load_snapshot(checkpoint, step), n_seqs=n_seqs, half=half, seed=seed)
+        steps.append(step)
+        per_snap.append(r.score)
+    per_snap = np.array(per_snap)  # [snapshot, head]
+    heads = []
+    for k, (layer, head) in enumerate(final.heads):
+        heads.append({"layer": layer, "head": head, "induction_score": float(final.score[k]),
+                      "prev_token_score": float(final.prev_token[k]),
+                      "max_over_snapshots": float(per_snap[:, k].max()) if len(steps) else None,
+                      "rise_step": rise_step(steps, per_snap[:, k], rise_min) if len(steps) else None})
+    corpus = Path(resolve_checkpoint(checkpoint)) / "corpus.json"
+    return {
+        "kind": "text",
+        "heldout_loss": full["heldout_loss"],
+        "heldout_bits_per_byte": full["heldout_bits_per_byte"],
+        "n_heldout_windows": full["n_heldout_windows"],
+        "heldout_loss_tiny": tiny["heldout_loss"],
+        "n_tiny_windows": tiny["n_heldout_windows"],
+        "corpus_sha256": json.loads(corpus.read_text())["sha256"] if corpus.is_file() else None,
+        "induction_probe": {"n_seqs": n_seqs, "half": half, "seed": seed, "alphabet": "printable ASCII 32..126",
+                            "rise_rule": f"first snapshot above half the head's maximum, if the maximum >= {rise_min}"},
+        "heads": heads,
+        "induction_tiny": {"n_seqs": TINY_SEQS, "scores": [float(x) for x in tiny_ind.score]},
+        "snapshot_steps": steps,
+        "induction_per_snapshot": per_snap.tolist(),
+        "train_wall_time_s": history.get("wall_time_s"),
+    }
+
+
+def write_metrics(checkpoint: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Measure and write ``<checkpoint>/metrics.json``."""
+    m = checkpoint_metrics(checkpoint, **kwargs)
+    atomic_write_json(Path(resolve_checkpoint(checkpoint)) / "metrics.json", m)
+    return m
