@@ -13,8 +13,10 @@ On a randomly initialised HookedTransformer (default: 4 layers, d_model 256, 8 h
   each, and the ratio of the medians); the scan's time includes reading the corpus,
   fingerprinting the model and data, and finalizing (no files are written).
 - **memory**: peak memory of a scan of 4× the tokens ÷ that of 1× (target ≤ 1.02), each in its
-  own process. On CPU: peak resident set size (``ru_maxrss``), and the same for the growth above
-  the resident size just before the scan; on CUDA: ``torch.cuda.max_memory_allocated``.
+  own process after a warm-up scan of 1× (so both are measured in the allocator's steady state).
+  On CPU: the peak resident set size of the measured scan (the kernel's high-water mark, reset
+  after the warm-up through ``/proc/self/clear_refs``), and the same for the growth above the
+  resident size just before it; on CUDA: ``torch.cuda.max_memory_allocated``.
 - **processes**: wall time of the same scan in 1 process and under
   ``torchrun --standalone --nproc-per-node 2``, each process with ``--threads`` threads (default
   1: on a CPU machine shared with other work, more threads per process mostly wait on each
@@ -117,25 +119,46 @@ def worker_speed(args, corpus: str) -> dict:
     return {"floor_s": floor_t, "scan_s": scan_t, "tokens": n, "scan_tokens": res.n_tokens}
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's resident set (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker_memory(args, corpus: str, factor: int) -> dict:
+    """Peak memory of a scan of ``factor`` × the tokens, after a warm-up scan of 1× in the same
+    process: both sizes are measured with the allocator and the lazily imported modules in the same
+    steady state, so the ratio shows what grows with the tokens, not start-up effects."""
     import torch
 
     from bayesmanifold.corpus import scan
 
     model = _build(args)
+    scan(model, _config(args, corpus, 1))  # warm-up
     cfg = _config(args, corpus, factor)
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        reset = _reset_peak_rss()
         base = _rss_now()
     res = scan(model, cfg)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak": peak, "base": base, "tokens": res.n_tokens}
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    return {"peak": peak, "base": base, "tokens": res.n_tokens, "peak_reset": True if cuda else reset}
 
 
 def worker_wall(args, corpus: str) -> dict:
