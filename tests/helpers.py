@@ -96,9 +96,12 @@ def make_model(dtype=torch.float64, seed=0, **overrides):
 
 def hook_count(model) -> int:
     """Every forward/backward hook on every module (hook points, and the attention modules a bridge's
-    score tap uses), plus any torch function mode left active."""
+    score tap uses), plus any torch function mode left active. A TransformerBridge's own wiring
+    inside the wrapped modules (``_original_component``, added on its first forward) is not counted."""
     n = 0
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if "_original_component" in name:
+            continue
         n += len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
         n += len(getattr(m, "_backward_pre_hooks", {}))
     return n + torch._C._len_torch_function_stack()

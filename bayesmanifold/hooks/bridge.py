@@ -63,16 +63,24 @@ def is_bridge(model: object) -> bool:
 
 
 class _SoftmaxTap(TorchFunctionMode):
-    """While active, hands the input of every 4-D softmax over the last axis to ``on_scores``."""
+    """While active, hands the input of every 4-D softmax over the last axis to ``on_scores``
+    (or, with ``on_qk``, the operands of the first 4-D ``q @ kᵀ`` matmul to it)."""
 
-    def __init__(self, on_scores: Callable[[Tensor, torch.dtype | None], Tensor | None]) -> None:
+    def __init__(self, on_scores: Callable[[Tensor, torch.dtype | None], Tensor | None],
+                 on_qk: Callable[[Tensor, Tensor], None] | None = None) -> None:
         super().__init__()
         self.on_scores = on_scores
+        self.on_qk = on_qk
         self.calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) == "softmax" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+        if self.on_qk is not None and func is torch.matmul and len(args) == 2 and args[0].dim() == 4:
+            if not self.calls and args[1].shape[-2] == args[0].shape[-1]:
+                self.calls += 1
+                self.on_qk(args[0], args[1])
+            return func(*args, **kwargs)
+        if self.on_qk is None and getattr(func, "__name__", None) == "softmax" and args and isinstance(args[0], Tensor) and args[0].dim() == 4:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if dim in (-1, 3):
                 self.calls += 1
@@ -147,10 +155,6 @@ class BridgeAccess(ModelAccess):
         return min(seen, key=lambda d: torch.finfo(d).bits) if seen else None
 
     @property
-    def is_rotary(self) -> bool:
-        return getattr(self.cfg, "positional_embedding_type", None) == "rotary"
-
-    @property
     def dtype(self) -> torch.dtype:
         for p in self.model.parameters():
             if p.is_floating_point():
@@ -177,7 +181,7 @@ class BridgeAccess(ModelAccess):
         if site == "scores":
             return layer in self.layers
         if site in ("q", "k") and self._rotary_inline(layer):
-            return False
+            return True
         return super().has_site(site, layer)
 
     def _rotary_inline(self, layer: int | None) -> bool:
@@ -189,11 +193,6 @@ class BridgeAccess(ModelAccess):
 
     def hook_point(self, site: str, layer: int | None = None) -> nn.Module:
         name = self.hook_name(site, layer)
-        if site in ("q", "k") and self._rotary_inline(layer):
-            raise SelectionError(
-                f"site {site!r} (after rotary) is not available on this boot_native bridge: its attention applies "
-                f"rotary inline and {name!r} never fires; use a HookedTransformer or a HuggingFace-backed bridge"
-            )
         if name not in self.model.hook_dict:
             raise SelectionError(f"{type(self.model).__name__} has no hook point {name!r} (site {site!r})")
         return self.model.hook_dict[name]
@@ -223,6 +222,8 @@ class BridgeAccess(ModelAccess):
         """
         if site == "scores":
             return self._tap_scores(layer, fn)
+        if site in ("q", "k") and self._rotary_inline(layer):
+            return self._tap_qk(layer, site, fn)
         point = self.hook_point(site, layer)
         shapes = self._shapes(site, self.hook_name(site, layer))
         if shapes is None:
@@ -240,19 +241,45 @@ class BridgeAccess(ModelAccess):
 
         return point.register_forward_hook(hook)
 
+    def _tap_qk(self, layer: int, site: str, fn: Any) -> _Handles:
+        """q or k after rotary on a boot_native bridge: the operands of its ``q @ kᵀ`` (read-only).
+
+        The native model rotates adjacent pairs where a HookedTransformer rotates (i, i + r/2): the
+        dimensions are given back in the HookedTransformer's order (see ``bridge_loading``).
+        """
+        attn = self.model.blocks[layer].attn
+        inner = attn.original_component
+        r = getattr(inner.rotary, "rotary_dim", self.d_head)
+        half = torch.arange(r // 2)
+        native = torch.cat([torch.stack([half, half + r // 2], 1).flatten(), torch.arange(r, self.d_head)])
+        back = torch.argsort(native)
+        group = self.n_heads // self.n_kv_heads
+
+        def on_qk(q: Tensor, kt: Tensor) -> None:
+            t = q if site == "q" else kt.transpose(-2, -1)[:, ::group]  # k is expanded over the GQA group
+            fn(attn, (), t.transpose(1, 2)[..., back.to(t.device)].detach())
+
+        return self._tap(layer, None, on_qk)
+
     def _tap_scores(self, layer: int | None, fn: Any) -> _Handles:
         if layer not in self.layers:
             raise SelectionError(f"layer {layer} has no attention scores to tap; attention layers: {sorted(self.layers)}")
         attn = self.model.blocks[layer].attn
-        taps: list[_SoftmaxTap] = []
 
         def on_scores(scores: Tensor, dtype: torch.dtype | None) -> Tensor | None:
             if dtype is not None and dtype != scores.dtype:
                 self.layers[layer] = replace(self.layers[layer], softmax_dtype=dtype)
             return fn(attn, (), scores)
 
+        return self._tap(layer, on_scores, None)
+
+    def _tap(self, layer: int, on_scores: Any, on_qk: Any) -> _Handles:
+        attn = self.model.blocks[layer].attn
+        taps: list[_SoftmaxTap] = []
+        what = "softmax calls" if on_qk is None else "q·kᵀ products"
+
         def enter(module: nn.Module, args: Any) -> None:
-            tap = _SoftmaxTap(on_scores)
+            tap = _SoftmaxTap(on_scores, on_qk)
             taps.append(tap)
             tap.__enter__()
 
@@ -263,7 +290,7 @@ class BridgeAccess(ModelAccess):
             tap.__exit__(None, None, None)
             if tap.calls != 1:
                 raise ModelError(
-                    f"layer {layer}'s attention took {tap.calls} softmax calls over [batch, head, query, key] "
+                    f"layer {layer}'s attention took {tap.calls} {what} over [batch, head, query, key] "
                     "(expected exactly one): capture cannot tell which one's input are the attention scores"
                     + ("; load the model with attn_implementation='eager'" if tap.calls == 0 else "")
                 )
@@ -297,13 +324,6 @@ class BridgeAccess(ModelAccess):
                     "the bridge's default mode, or TransformerLens 4"
                 )
         return batch
-
-    def to_tokens(self, text: str | list[str]) -> Tensor:
-        if self.tokenizer is None:
-            from ..errors import InputError
-
-            raise InputError("got text but the model has no tokenizer; pass token ids Int[batch, pos]")
-        return self.model.to_tokens(text, truncate=False)
 
     def key_weights(self, layer: int) -> tuple[Float[Tensor, "kv_head d_model d_head"], Tensor | None]:
         """``W_K`` ``[kv_head, d_model, d_head]`` and ``b_K`` ``[kv_head, d_head]`` (None without a bias)."""
@@ -341,3 +361,33 @@ def _attn_scale(inner: Any, layer: int) -> float | None:
     if getattr(inner, "scale_attn_by_inverse_layer_idx", False):  # GPT-2's option, applied separately
         divisor *= float(getattr(inner, "layer_idx", layer) + 1)
     return divisor if math.isfinite(divisor) else None
+
+
+def bridge_parameter_names(model: nn.Module, kind: str, layers: Any = None) -> list[str]:
+    """Names (as ``named_parameters`` gives them) of a bridge's attention ``"qk"`` or ``"values"`` parameters.
+
+    Raises:
+        SelectionError: the architecture stores q, k and v in one matrix (GPT-2, GPT-NeoX): they
+            cannot be stepped apart.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    subs = ("q", "k") if kind == "qk" else ("v",)
+    out: list[str] = []
+    for layer, block in enumerate(model.blocks):
+        if layers is not None and layer not in layers:
+            continue
+        attn = getattr(block, "attn", None)
+        if attn is None:
+            continue
+        own = {s: [p for p in getattr(attn, s).parameters()] if hasattr(attn, s) else [] for s in ("q", "k", "v")}
+        other = {id(p) for s in ("q", "k", "v") if s not in subs for p in own[s]}
+        for s in subs:
+            for p in own[s]:
+                if id(p) in other or id(p) not in names:
+                    raise SelectionError(
+                        f"layer {layer} stores q, k and v in one matrix: its {kind} parameters cannot be stepped "
+                        "apart; step 'all'"
+                    )
+                if p.is_floating_point() and names[id(p)] not in out:
+                    out.append(names[id(p)])
+    return out

@@ -32,6 +32,13 @@ def parameter_names(model: nn.Module, kind: ParamKind, layers: Sequence[int] | N
     """
     if kind not in ("all", "qk", "values"):
         raise ConfigError(f"parameter kind must be 'all', 'qk' or 'values', got {kind!r}")
+    from .bridge import bridge_parameter_names, is_bridge
+
+    if kind != "all" and is_bridge(model):  # TransformerLens 4: q, k, v are Linear modules of the attention
+        out = bridge_parameter_names(model, kind, layers)
+        if not out:
+            raise InputError(f"the model has no {kind} parameters in layers {layers if layers is not None else 'all'} to step")
+        return out
     out = []
     for name, p in model.named_parameters():
         if not torch.is_floating_point(p):
@@ -73,7 +80,11 @@ def stepped_copy(
     access = model_access(model)
     batch = access.prepare_batch(inputs, attention_mask)
     objective = objective or next_token_loss(batch.attention_mask)
-    new = copy.deepcopy(model)
+    # Activations a module caches from its last forward (a TransformerBridge keeps its attention's
+    # pre-norm residual) are not weights, and deepcopy refuses non-leaf tensors: the copy gets None.
+    memo: dict[int, Any] = {id(v): None for m in model.modules() for v in vars(m).values()
+                            if isinstance(v, Tensor) and v.grad_fn is not None}
+    new = copy.deepcopy(model, memo)
     named = dict(new.named_parameters())
     chosen = list(named) if params is None else list(params)
     missing = [n for n in chosen if n not in named]

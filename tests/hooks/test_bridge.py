@@ -15,7 +15,7 @@ import torch
 from helpers import HAS_HOOKED, hook_count, make_model, needs_bridge, needs_native_bridge
 
 from bayesmanifold.analyses.routing_law import RoutingLawCheck, verify_routing_law
-from bayesmanifold.errors import ModelError, ObjectiveError, SelectionError
+from bayesmanifold.errors import ModelError, ObjectiveError
 from bayesmanifold.hooks.access import model_access
 from bayesmanifold.hooks.capture import capture
 
@@ -280,13 +280,18 @@ def test_attention_without_softmax_is_refused(hf_gpt2_dir):
 
 
 @needs_native_bridge
-def test_native_rotary_q_k_sites_are_refused_not_silent(gen):
-    model = _native(positional_embedding_type="rotary", rotary_dim=8)
+def test_native_rotary_q_k_sites_give_the_scores(gen):
+    """boot_native applies rotary inline (hook_rot_q never fires): q and k are read at its q·kᵀ."""
+    model = _native(positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2)
     access = model_access(model)
-    assert not access.has_site("q", 0) and access.has_site("v", 0)
-    with pytest.raises(SelectionError, match="rotary"):
-        with capture(model, sites=("q",)):
-            pass
+    assert access.has_site("q", 0) and access.has_site("k", 0)
+    with capture(model, gradients=False, sites=("q", "k", "scores"), keep=True) as cap:
+        cap.run(torch.randint(0, 50, (2, 10), generator=gen))
+    for b in cap.kept.values():
+        q, k = b.acts["q"], b.acts["k"]
+        assert q.shape == (2, 10, 4, 8) and k.shape == (2, 10, 2, 8)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) / b.attn_scale
+        assert torch.allclose(s.masked_fill(~b.valid[:, None], 0), b.acts["scores"].masked_fill(~b.valid[:, None], 0), atol=1e-12)
 
 
 # ---------------------------------------------------------------------- loading and checkpoints
