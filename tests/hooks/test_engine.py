@@ -137,7 +137,8 @@ def test_text_lists_are_padded_with_a_mask(hf_gpt2_dir):
     texts = ["hello world, again", "hi"]
     with capture(model) as cap:
         batched = cap.run(texts)
-    per = [model(model.to_tokens(t), return_type="loss", loss_per_token=True)[0] for t in texts]
+    with torch.no_grad():
+        per = [model(model.to_tokens(t), return_type="loss", loss_per_token=True)[0] for t in texts]
     weighted = float(torch.cat(per).mean())
     assert batched == pytest.approx(weighted, rel=1e-10)
 
