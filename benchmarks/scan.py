@@ -15,8 +15,9 @@ On a randomly initialised HookedTransformer (default: 4 layers, d_model 256, 8 h
 - **memory**: peak memory of a scan of 4× the tokens ÷ that of 1× (target ≤ 1.02), each in its
   own process after a warm-up scan of 1× (so both are measured in the allocator's steady state).
   On CPU: the peak resident set size of the measured scan (the kernel's high-water mark, reset
-  after the warm-up through ``/proc/self/clear_refs``), and the same for the growth above the
-  resident size just before it; on CUDA: ``torch.cuda.max_memory_allocated``.
+  after the warm-up through ``/proc/self/clear_refs``); the resident size just before it is kept
+  in the JSON but not compared, since how much the allocator hands back after the warm-up varies
+  from process to process by hundreds of MiB. On CUDA: ``torch.cuda.max_memory_allocated``.
 - **processes**: wall time of the same scan in 1 process and under
   ``torchrun --standalone --nproc-per-node 2``, each process with ``--threads`` threads (default
   1: on a CPU machine shared with other work, more threads per process mostly wait on each
@@ -232,7 +233,6 @@ def main(argv=None) -> int:
         "scan_over_floor_throughput": floor_s / scan_s,
         "scan_over_floor_throughput_median": statistics.median(speed["floor_s"]) / statistics.median(speed["scan_s"]),
         "peak_memory_4x_over_1x": m4["peak"] / m1["peak"],
-        "excess_memory_4x_over_1x": (m4["peak"] - m4["base"]) / max(m1["peak"] - m1["base"], 1),
         "peak_memory_1x_bytes": m1["peak"],
         "one_process_scan_s": one["scan_s"], "two_process_scan_s": two["scan_s"],
         "two_over_one_scan_time": two["scan_s"] / one["scan_s"],
@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     print(f"scan {res['scan_tokens_per_s']:.0f} tok/s, floor {res['floor_tokens_per_s']:.0f} tok/s: "
           f"scan/floor throughput {res['scan_over_floor_throughput']:.3f} (target ≥ 0.9; ratio of medians "
           f"{res['scan_over_floor_throughput_median']:.3f})")
-    print(f"peak memory 4× tokens / 1×: {res['peak_memory_4x_over_1x']:.3f} (target ≤ 1.02); "
-          f"growth above the pre-scan size: {res['excess_memory_4x_over_1x']:.3f}")
+    print(f"peak memory 4× tokens / 1×: {res['peak_memory_4x_over_1x']:.3f} (target ≤ 1.02; "
+          f"{m1['peak'] / 2**20:.0f} MiB at 1×)")
     print(f"2 processes vs 1: scan {two['scan_s']:.2f} s vs "
           f"{one['scan_s']:.2f} s (×{res['two_over_one_scan_time']:.2f}); whole command {two_wall:.1f} s vs "
           f"{one_wall:.1f} s (×{res['two_over_one_command_time']:.2f})")
