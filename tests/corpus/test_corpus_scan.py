@@ -305,3 +305,14 @@ def test_bad_configuration_and_context(model, corpus):
         scan(model, config(corpus, shard=(5, 6), max_tokens=SEQ * BATCH * 2))
     cfg = config(corpus)
     assert ScanConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_model_with_a_tokenizer_reads_text_with_it(hf_gpt2_dir, tmp_path):
+    from bayesmanifold.hooks import load_hf_directory
+
+    model = load_hf_directory(hf_gpt2_dir, dtype="float64")
+    (tmp_path / "doc.jsonl").write_text("\n".join(json.dumps({"text": "the quick brown fox jumps. " * 3}) for _ in range(4)))
+    res = scan(model, ScanConfig(data=str(tmp_path / "doc.jsonl"), seq_len=16, batch_size=2, measures=("routing", "entropy")))
+    assert res.summary["data"]["tokenization"] == "tokenizer" and res.summary["data"]["n_documents"] == 4
+    assert res.n_tokens == 16 * (4 * (1 + 81) // 16)  # BOS + 81 characters per document, whole windows
+    assert res.summary["routing_law_holds"]
