@@ -20,7 +20,10 @@ def test_verify_json_float64(tmp_path, capsys):
 def test_verify_hf_directory(hf_llama_dir, tmp_path):
     out = tmp_path / "o.json"
     assert main(["verify", "--model", str(hf_llama_dir), "--dtype", "float64", "--seq-len", "16", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["max_rel_residual_dscores"] <= 1e-10
+    d = json.loads(out.read_text())
+    # on a TransformerLens 4 bridge HF's Llama attention takes the softmax in float32: verify says so
+    assert d["max_rel_residual_dscores"] <= (1e-6 if d["floor"] else 1e-10)
+    assert ("float32" in d["floor"]) == (d["backend"] == "TransformerBridge")
 
 
 def test_verify_text_file(tmp_path):

@@ -70,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(f"max relative residual of the routing law: {summary['max_rel_residual_dscores']:.3e}")
+    from ..hooks import model_access
+
+    access = model_access(model)
+    floor = law.floor or f"the softmax runs in the model's {str(access.dtype).removeprefix('torch.')}"
+    print(f"backend {access.backend}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g})")
     print(f"the laws hold on every head: {'yes' if law.holds else 'NO'}" + (f" ({law.reason})" if law.reason else ""))
     summary.update(
         {
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": int(tokens.shape[0]),
             "seq_len": int(tokens.shape[1]),
             "advantage": adv.rows,
+            "backend": access.backend,
         }
     )
     write_json(args.json, summary)

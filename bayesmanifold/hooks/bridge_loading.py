@@ -61,10 +61,25 @@ def hooked_fields(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in _FIELDS if getattr(cfg, k, None) is not None or k == "normalization_type"}
 
 
+# Fields that do not change the function a model computes (or that build_native handles itself).
+_IGNORED = {"dtype", "device", "seed", "init_weights", "tokenizer_name", "initializer_range", "model_name", "n_devices"}
+
+
 def bridge_config(fields: dict[str, Any], dtype: torch.dtype | None = None) -> Any:
-    """A ``TransformerBridgeConfig`` from ``HookedTransformerConfig`` fields (as a dict)."""
+    """A ``TransformerBridgeConfig`` from ``HookedTransformerConfig`` fields (as a dict).
+
+    Raises:
+        ModelError: a field the native model has no equivalent of is set (e.g. ``use_attention_sinks``):
+            it is refused, never dropped.
+    """
     from transformer_lens.config import TransformerBridgeConfig
 
+    unknown = sorted(k for k, v in fields.items() if k not in _FIELDS and k not in _IGNORED and v is not None and v is not False)
+    if unknown or fields.get("init_mode", "gpt2") != "gpt2":
+        raise ModelError(
+            f"TransformerLens's native model (TransformerLens 4) has no equivalent of {unknown or ['init_mode']}; "
+            f"supported fields: {', '.join(_FIELDS)}"
+        )
     d = {k: v for k, v in fields.items() if k in _FIELDS and (v is not None or k == "normalization_type")}
     d.pop("original_architecture", None)
     if d.get("attn_only"):
@@ -282,22 +297,34 @@ def load_bridge_state_dict(model: nn.Module, sd: Any, where: str) -> None:
 def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A ``TransformerBridge`` over the HuggingFace causal LM saved in ``path`` (no network; eager attention)."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelError(f"{str(p)!r} holds no config.json; expected a directory written by save_pretrained")
     try:
-        from transformers import AutoModelForCausalLM
-
+        arch = (AutoConfig.from_pretrained(str(p), local_files_only=True).architectures or [None])[0]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the config in {str(p)!r}: {_first_line(exc)}") from None
+    if arch is None:
+        raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot convert: its config.json names none")
+    try:
         hf = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
                                                   attn_implementation="eager")
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load the HuggingFace model in {str(p)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - missing, corrupt or foreign weight files raise many types
+        raise ModelError(f"could not load the weights in {str(p)!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     try:
         model = TransformerBridge.boot_transformers(str(p), hf_model=hf, dtype=dtype, device=device)
-    except (NotImplementedError, ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot wrap: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - an architecture without an adapter raises several types
+        raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot convert ({arch}): {_first_line(exc)}") from None
+    if getattr(model.cfg, "original_architecture", None) is None:
+        model.cfg.original_architecture = arch
     return model.eval()
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_named_bridge(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import hook_count, make_model
+from helpers import hook_count, make_model, needs_hooked
 
 from bayesmanifold.analyses.dynamics import DynamicsResult, replay
 from bayesmanifold.analyses.monitor import DynamicsMonitor
@@ -128,6 +128,7 @@ def test_monitor_plugs_into_the_training_loop():
     assert state["steps"] == [4, 8, 12]
 
 
+@needs_hooked
 def test_two_timescale_example_quick_mode():
     import importlib.util
     from pathlib import Path

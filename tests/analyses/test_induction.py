@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import make_model
+from helpers import make_model, needs_hooked_scores_cache
 
 from bayesmanifold.analyses import induction_scores
 from bayesmanifold.analyses.induction import induction_targets, repeated_random_tokens
@@ -23,6 +23,7 @@ def test_targets():
         repeated_random_tokens(1, 1, high=5, generator=torch.Generator())
 
 
+@needs_hooked_scores_cache
 def test_scores_and_force_against_run_with_cache(gen):
     model = make_model(torch.float64, seed=4)
     toks, tgt = repeated_random_tokens(3, 8, high=50, generator=gen)

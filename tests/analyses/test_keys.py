@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import make_model
+from helpers import make_model, needs_hooked
 
 from bayesmanifold.analyses.keys import key_orthogonality, mean_offdiag_cosine
 from bayesmanifold.hooks.loading import fresh_like
@@ -36,6 +36,7 @@ def test_token_key_orthogonality_matches_manual_computation():
 
 
 
+@needs_hooked
 def test_column_orthogonality_of_orthonormal_WK_is_zero_and_gqa_shape(gen):
     model = make_model(dtype=torch.float64, n_key_value_heads=2)
     with torch.no_grad():

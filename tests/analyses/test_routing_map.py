@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import hook_count, make_model
+from helpers import hook_count, make_model, needs_hooked_scores_cache
 
 from bayesmanifold.analyses import RoutingMap, RoutingMapAccumulator, routing_map
 from bayesmanifold.errors import InputError, SelectionError
@@ -26,6 +26,7 @@ def _oracle(model, tokens):
     return out
 
 
+@needs_hooked_scores_cache
 @pytest.mark.parametrize("overrides", [{}, {"n_key_value_heads": 2}, {"positional_embedding_type": "rotary", "rotary_dim": 8, "attn_only": True}])
 def test_alpha_advantage_force_match_autograd(gen, overrides):
     model = make_model(torch.float64, seed=3, **overrides)
@@ -47,6 +48,7 @@ def test_alpha_advantage_force_match_autograd(gen, overrides):
     assert hook_count(model) == 0
 
 
+@needs_hooked_scores_cache
 def test_push_and_value_update_against_slow_loop(gen):
     model = make_model(torch.float64, seed=5, n_key_value_heads=2)
     tokens = torch.randint(0, 50, (1, 12), generator=gen)

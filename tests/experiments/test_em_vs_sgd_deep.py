@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from helpers import needs_hooked
 
 from bayesmanifold.errors import ConfigError, TaskError
 from bayesmanifold.experiments.em_vs_sgd.deep import DeepConfig, run_deep_variant
 from bayesmanifold.hooks.sticky_models import DeepStickyModel
 
 
+@needs_hooked
 def test_start_at_layer_skips_embeddings_and_is_causal():
     m = DeepStickyModel(n_layers=2, d_model=16, n_heads=2)
     x = torch.randn(1, 12, 20, generator=torch.Generator().manual_seed(0))
@@ -24,6 +26,7 @@ def test_start_at_layer_skips_embeddings_and_is_causal():
     assert torch.equal(before, torch.random.get_rng_state())
 
 
+@needs_hooked
 def test_tiny_run_reports_gap_to_h_min():
     res = run_deep_variant(DeepConfig(steps=3, n_layers=1, d_model=16, n_heads=2))
     s = res.summary()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import hook_count, make_model
+from helpers import hook_count, make_model, needs_hooked, needs_hooked_scores_cache
 
 from bayesmanifold.errors import (
     BayesManifoldError,
@@ -49,6 +49,7 @@ def _oracle(model, tokens, attention_mask=None):
     return cache
 
 
+@needs_hooked_scores_cache
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_gradients_match_autograd(variant, dtype, tol, gen):
@@ -133,6 +134,7 @@ def test_layer_and_head_selection(gen):
     assert b["pattern"].shape[1] == 3 and b["values"].shape[2] == 3 and b["grad_values"].shape[2] == 2
 
 
+@needs_hooked
 def test_no_side_effects(gen):
     model = make_model(dtype=torch.float32)
     tokens = torch.randint(0, 50, (2, 8), generator=gen)

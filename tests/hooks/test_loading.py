@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import HAS_HOOKED, needs_hooked
 
 from bayesmanifold.analyses import verify_routing_law
 from bayesmanifold.errors import ModelError
@@ -18,9 +19,13 @@ def test_hf_directory_matches_hf_and_satisfies_laws(fixture, request, gen):
     tokens = torch.randint(3, 30, (2, 12), generator=gen)
     assert (model(tokens) - hf(tokens).logits).abs().max() < 1e-6
     law, adv = verify_routing_law(model, tokens)
-    assert law.max_rel_residual_dscores <= 1e-10
+    # A TransformerLens 4 bridge runs HF's Llama attention, which takes the softmax in float32 (the
+    # result's floor says so): the routing law then holds to float32 precision.
+    floor = bool(law.floor)
+    assert floor == (fixture == "hf_llama_dir" and not HAS_HOOKED)
+    assert law.max_rel_residual_dscores <= (1e-6 if floor else 1e-10)
     assert law.max_rel_residual_dvalues <= 1e-10
-    assert law.max_abs_rowsum_dscores <= 1e-12
+    assert law.max_abs_rowsum_dscores <= (1e-8 if floor else 1e-12)
     if fixture == "hf_llama_dir":
         assert model.cfg.n_key_value_heads == 2
     assert model.tokenizer is not None and model.to_tokens("ab").shape[1] >= 2
@@ -101,6 +106,7 @@ def test_directory_name_and_current_configs_do_not_matter(name, user_dirs, gen):
     assert model.tokenizer is not None and model.to_tokens("ab").shape[1] >= 2
 
 
+@needs_hooked
 def test_unconvertible_architecture_names_itself(user_dirs):
     # TransformerLens converts Gemma only from its official names, never from a config.json.
     with pytest.raises(ModelError, match="GemmaForCausalLM"):
