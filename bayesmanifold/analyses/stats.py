@@ -43,8 +43,8 @@ def spearman(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
 
 def entropy(p: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
     """Shannon entropy (nats) of distributions along the last dim, float64; uniform over n gives ln n."""
-    p = p.to(torch.float64)
-    return -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(-1)
+    # entr(x) = -x·log x for x > 0 and 0 at x = 0: one fused pass, no temporaries for the mask.
+    return torch.special.entr(p.to(torch.float64)).sum(-1)
 
 
 def js_divergence(p: Tensor, q: Tensor) -> Tensor:
