@@ -44,7 +44,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
     # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks
-    "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "rotary": 1},
+    "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1},
+    "stdlib-attn2-rope": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "rotary": 1},
     "stdlib-mlp2": {"n_layers": 2, "n_heads": 4, "d_model": 64},
 }
 

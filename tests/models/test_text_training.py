@@ -50,10 +50,11 @@ def test_text_task_bad_parameters(tmp_path):
 def test_attention_only_spec():
     task = TextCorpusTask(seq_len=16, max_files=4)
     spec = preset_spec("stdlib-attn2", task)
-    assert spec.attn_only and spec.to_dict()["attn_only"] is True
+    assert spec.attn_only and spec.to_dict()["attn_only"] is True and not spec.rotary
     model = build_model(spec)
     assert model.cfg.attn_only and not any("mlp" in n for n, _ in model.named_parameters())
-    assert spec.rotary and model.cfg.positional_embedding_type == "rotary" and model.cfg.rotary_dim == 16
+    rope = build_model(preset_spec("stdlib-attn2-rope", task))
+    assert rope.cfg.positional_embedding_type == "rotary" and rope.cfg.rotary_dim == 16 and rope.cfg.attn_only
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     mlp = preset_spec("stdlib-mlp2", task)
     assert "attn_only" not in mlp.to_dict() and "rotary" not in mlp.to_dict()  # other configs stay as they were
@@ -80,3 +81,4 @@ def test_train_text_end_to_end(tmp_path, capsys):
     assert isinstance(task, TextCorpusTask)
     again = task.evaluate(model, n=4)["heldout_loss"]
     assert again == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
+
