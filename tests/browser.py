@@ -36,16 +36,17 @@ def _run(args: list[str], profile: Path, timeout: float) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def dump_dom(page: Path, profile: Path, timeout: float = 180) -> str:
-    """The page's DOM after load (scripts ran), as Chromium serialises it."""
-    res = _run(["--virtual-time-budget=5000", "--dump-dom", Path(page).resolve().as_uri()], profile, timeout)
+def dump_dom(page: Path, profile: Path, timeout: float = 180, fragment: str = "") -> str:
+    """The page's DOM after load (scripts ran), as Chromium serialises it (``fragment``: e.g. ``#1.2``)."""
+    res = _run(["--virtual-time-budget=5000", "--dump-dom", Path(page).resolve().as_uri() + fragment], profile, timeout)
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
 
-def screenshot(page: Path, png: Path, profile: Path, size: tuple[int, int] = (1300, 1100), timeout: float = 180) -> Path:
+def screenshot(page: Path, png: Path, profile: Path, size: tuple[int, int] = (1300, 1100), timeout: float = 180,
+               fragment: str = "") -> Path:
     res = _run([f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=5000", f"--screenshot={png}",
-                Path(page).resolve().as_uri()], profile, timeout)
+                Path(page).resolve().as_uri() + fragment], profile, timeout)
     assert res.returncode == 0 and Path(png).is_file(), res.stderr[-2000:]
     return Path(png)
 

@@ -62,6 +62,9 @@ def test_map_page_draws_in_chromium(toy_map, tmp_path):
     n = len(PROMPT)
     assert re.fullmatch(r"\d+\.\d+", drawn) and cells == n * (n + 1) // 2 and nonzero > n
     assert dom.count("<span") >= n  # the token strip
+    picked = dump_dom(toy_map / "map.html", tmp_path / "profile", fragment="#1.2/pattern")
+    assert 'data-drawn="1.2"' in picked  # the head named in the URL fragment, showing α (> 0 on every entry)
+    assert f'data-nonzero="{n * (n + 1) // 2}"' in picked
     png = screenshot(toy_map / "map.html", tmp_path / "map.png", tmp_path / "profile")
     stats = png_colour_stats(png)
     assert stats["colours"] > 100 and stats["red"] > 500 and stats["blue"] > 500, stats

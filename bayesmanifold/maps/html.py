@@ -7,7 +7,8 @@ or advantage, attention α, compatibility b) drawn on a canvas with a diverging 
 sign convention is written beside it; a hover box with α, b, b̄, A and the force of the entry
 under the pointer; and the prompt's tokens as a strip coloured by the head's net push per key.
 
-After drawing, the script sets ``data-drawn="L.H"``, ``data-cells`` (entries drawn) and
+``map.html#L.H`` opens head L.H (``#L.H/pattern``: its attention; also ``advantage``,
+``compat``). After drawing, the script sets ``data-drawn="L.H"``, ``data-cells`` (entries drawn) and
 ``data-nonzero`` (entries with a non-zero value) on ``<body>``: a headless browser's DOM dump
 shows that the heat map was drawn.
 """
@@ -175,6 +176,10 @@ cv.addEventListener('mousemove',e=>{const r=cv.getBoundingClientRect();const j=M
   tip.style.display='block';tip.style.left=(e.clientX+14)+'px';tip.style.top=(e.clientY+14)+'px';});
 cv.addEventListener('mouseleave',()=>{tip.style.display='none';});
 let best=0;H.forEach((h,i)=>{if(h.s.total_abs_force>H[best].s.total_abs_force)best=i;});
+// map.html#L.H or #L.H/pattern picks a head (and what to show); default: the largest total |force|
+const m=/^#(\d+)\.(\d+)(?:\/(\w+))?$/.exec(location.hash);
+if(m){const k=H.findIndex(h=>h.s.layer===+m[1]&&h.s.head===+m[2]);if(k>=0)best=k;
+  if(m[3]&&[...modeSel.options].some(o=>o.value===m[3]))modeSel.value=m[3];}
 pick(best);
 })();
 </script>
