@@ -5,8 +5,8 @@ on held-out repeated random sequences and held-out stdlib code, and writes the f
 summary (see :mod:`bayesmanifold.experiments.induction_dynamics` for every definition).
 
 Run:
-    python examples/induction_dynamics.py                              # ~2-5 min on a CPU
-    python examples/induction_dynamics.py --checkpoint runs/my-run --out out/induction
+    python scripts/induction_dynamics.py                              # ~2-5 min on a CPU
+    python scripts/induction_dynamics.py --checkpoint runs/my-run --out out/induction
 """
 
 import argparse
