@@ -86,3 +86,12 @@ document.body.dataset.nimg=im.length;document.body.dataset.loaded=im.filter(i=>i
     n = int(re.search(r'data-nimg="(\d+)"', dom).group(1))
     loaded = int(re.search(r'data-loaded="(\d+)"', dom).group(1))
     assert n == n_img and loaded == n
+
+
+def test_map_of_a_tokenizer_model(hf_gpt2_dir, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["map", str(hf_gpt2_dir), "--prompt", "the cat sat on the mat", "--heads", "0.0",
+                 "--out", str(tmp_path / "m.html"), "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert "".join(d["tokens"]).endswith("the cat sat on the mat") and len(d["token_ids"]) == len(d["tokens"])
+    assert [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 0)]
