@@ -1,21 +1,35 @@
-# The README's commands. Each sets itself up from nothing: a virtual environment in .venv,
-# installed with constraints.txt (torch==2.13.0, so no CUDA packages are pulled on CPU machines).
+# The README's commands. Each sets itself up from nothing: a virtual environment per
+# TransformerLens version, installed with a constraints file holding torch==2.13.0 (so no CUDA
+# packages are pulled on CPU machines):
+#   .venv      TransformerLens 4.x (the newest; constraints.txt)       make test
+#   .venv-tl3  TransformerLens 3.x (3.9; constraints-tl3.txt)          make test-tl3
+#   .venv-tl2  TransformerLens 2.18 (constraints-tl2.txt)              make test-tl2
+# `make test-all` (what .ci/run does) runs the three suites and fails if any fails.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+VENV_TL3 := .venv-tl3
+PY_TL3 := $(VENV_TL3)/bin/python
 VENV_TL2 := .venv-tl2
 PY_TL2 := $(VENV_TL2)/bin/python
-VENV_TL4 := .venv-tl4
-PY_TL4 := $(VENV_TL4)/bin/python
-PYTEST_FLAGS ?= -q
+# -rfs lists every failure and every skip with its reason (features a TransformerLens version lacks); the header
+# names the TransformerLens version the suite ran on.
+PYTEST_FLAGS ?= -rfs
 
-.PHONY: test test-tl2 test-tl4 demo lint bench setup clean
+.PHONY: test test-tl3 test-tl2 test-all demo lint bench setup clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(VENV_TL3)/.installed: pyproject.toml constraints-tl3.txt
+	$(PYTHON) -m venv $(VENV_TL3)
+	$(PY_TL3) -m pip install -q --upgrade pip
+	$(PY_TL3) -m pip install -q -c constraints-tl3.txt torch==2.13.0
+	$(PY_TL3) -m pip install -q -c constraints-tl3.txt -e '.[dev]'
 	touch $@
 
 $(VENV_TL2)/.installed: pyproject.toml constraints-tl2.txt
@@ -25,26 +39,28 @@ $(VENV_TL2)/.installed: pyproject.toml constraints-tl2.txt
 	$(PY_TL2) -m pip install -q -c constraints-tl2.txt -e '.[dev]'
 	touch $@
 
-$(VENV_TL4)/.installed: pyproject.toml constraints-tl4.txt
-	$(PYTHON) -m venv $(VENV_TL4)
-	$(PY_TL4) -m pip install -q --upgrade pip
-	$(PY_TL4) -m pip install -q -c constraints-tl4.txt torch==2.13.0
-	$(PY_TL4) -m pip install -q -c constraints-tl4.txt -e '.[dev]'
-	touch $@
-
 setup: $(VENV)/.installed
 
+# The suite on TransformerLens 4.x (TransformerBridge; no HookedTransformer).
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+# The same suite on TransformerLens 3.x.
+test-tl3: $(VENV_TL3)/.installed
+	$(PY_TL3) -m pytest $(PYTEST_FLAGS)
 
 # The same suite on TransformerLens 2.18.x.
 test-tl2: $(VENV_TL2)/.installed
 	$(PY_TL2) -m pytest $(PYTEST_FLAGS)
 
-# The suite on TransformerLens 4.x (TransformerBridge backend); tests that need a capability the
-# bridge lacks skip by feature with the reason.
-test-tl4: $(VENV_TL4)/.installed
-	$(PY_TL4) -m pytest $(PYTEST_FLAGS)
+# All three; every suite runs even when an earlier one fails, and the target fails if any did.
+test-all:
+	@status=0; \
+	for t in test test-tl3 test-tl2; do \
+		echo "== make $$t"; \
+		$(MAKE) --no-print-directory $$t || { echo "== make $$t FAILED"; status=1; }; \
+	done; \
+	exit $$status
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/bayesmanifold demo
@@ -56,4 +72,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TL2) $(VENV_TL4) .pytest_cache
+	rm -rf $(VENV) $(VENV_TL3) $(VENV_TL2) .pytest_cache
