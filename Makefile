@@ -16,7 +16,7 @@ PY_TL2 := $(VENV_TL2)/bin/python
 # names the TransformerLens version the suite ran on.
 PYTEST_FLAGS ?= -rfs
 
-.PHONY: test test-tl3 test-tl2 test-all demo lint bench setup clean
+.PHONY: test test-tl3 test-tl2 test-tl4 test-all demo lint bench setup clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ test-tl3: $(VENV_TL3)/.installed
 # The same suite on TransformerLens 2.18.x.
 test-tl2: $(VENV_TL2)/.installed
 	$(PY_TL2) -m pytest $(PYTEST_FLAGS)
+
+# The 4.x suite under its former name (make test is 4.x now).
+test-tl4: test
 
 # All three; every suite runs even when an earlier one fails, and the target fails if any did.
 test-all:
