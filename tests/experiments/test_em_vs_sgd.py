@@ -176,4 +176,39 @@ def test_recorded_run_ships_with_the_package():
     assert round(d["sgd"]["final_loss_mean"], 4) == 2.0310 and round(d["sgd"]["final_loss_std"], 4) == 0.0214
     assert round(d["em_like"]["final_loss_mean"], 4) == 1.9319 and round(d["em_like"]["final_loss_std"], 4) == 0.0258
     assert round(d["steps_to_sgd_final_mean"]) == 458 and round(d["steps_to_sgd_final_std"]) == 164
-    assert EMvsSGDConfig.from_dict(d["config"]) == EMvsSGDConfig(probes=True)
+    # the default science settings, recorded with the earlier block sizes (tile 128, 24 runs per pass)
+    assert EMvsSGDConfig.from_dict(d["config"]) == EMvsSGDConfig(probes=True, tile=128, batch_chunk=24)
+
+
+def test_blocks_do_not_depend_on_threads():
+    """Row blocks depend on the batch size and chunk only; 1 and 2 worker threads give the same bits."""
+    from bayesmanifold.experiments.em_vs_sgd.trainer import RunSpec, split_rows, train_runs
+    from bayesmanifold.windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
+
+    for n in range(1, 40):
+        blocks = split_rows(n, 6)
+        sizes = [b.stop - b.start for b in blocks]
+        assert blocks[0].start == 0 and blocks[-1].stop == n and all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        assert max(sizes) <= 6 and max(sizes) - min(sizes) <= 1 and len(blocks) >= min(n, 2)
+    chain = StickyChainConfig(length=97)
+    data = {(s, False): sample_sticky_chain(chain, seed=s) for s in (1, 2, 3)}
+    specs = [RunSpec("sgd", s, (s, False), "sgd", (0.05,) * 4) for s in (1, 2, 3)]
+    specs += [RunSpec("m", 2, (2, False), "mstep", (0.05, 0.05, 0.0, 0.05), 1.0),
+              RunSpec("a", 3, (3, False), "adam", (0.01,) * 4)]
+    before = torch.get_num_threads()
+    outs = [train_runs(specs, data, steps=4, tile=16, chunk=2, device=torch.device("cpu"), workers=w) for w in (1, 2)]
+    assert torch.get_num_threads() == before
+    assert (outs[0].curves == outs[1].curves).all()
+    for a, b in zip(outs[0].weights, outs[1].weights):
+        assert torch.equal(a, b)
+
+
+def test_reproduce_imports_no_transformer_lens():
+    """TransformerLens (seconds to import) loads only when the probes or the deep variant run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bayesmanifold.commands.reproduce, bayesmanifold.experiments.em_vs_sgd, "
+            "bayesmanifold.experiments.em_vs_sgd.deep; print('transformer_lens' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -51,8 +51,14 @@ class EMvsSGDConfig:
         data_seed: None: each seed samples its own sequence (the released script); an int: one
             sequence shared by every run.
         controls: run the controls (uniform lr, Adam, M-step, literal 0.3 stickiness).
-        tile: query-block size of the tiled attention pass.
-        batch_chunk: runs processed together per batched pass.
+        tile: query-block size of the tiled attention pass (64: a block of ``batch_chunk`` runs
+            stays within a few MB, near the CPU caches).
+        batch_chunk: at most this many runs per batched pass: the runs are split into
+            ``ceil(runs / batch_chunk)`` near-equal contiguous blocks (at least two when there are
+            two runs or more, so that two cores share even a small batch).
+        threads: CPU threads that run the blocks concurrently, each on one intra-op thread
+            (None: ``torch.get_num_threads()``; always 1 on a GPU). The numbers do not depend
+            on it: the blocks are the same for any number of threads.
         device: torch device.
         probes: record weights at ``n_checkpoints`` checkpoints of one seed per method, for
             :mod:`bayesmanifold.experiments.em_vs_sgd.probes`.
@@ -70,8 +76,9 @@ class EMvsSGDConfig:
     stickiness: float = 0.3
     data_seed: int | None = None
     controls: bool = True
-    tile: int = 128
-    batch_chunk: int = 24
+    tile: int = 64
+    batch_chunk: int = 6
+    threads: int | None = None
     device: str = "cpu"
     probes: bool = False
     n_checkpoints: int = 20
@@ -101,6 +108,8 @@ class EMvsSGDConfig:
         StickyChainConfig(stickiness=self.stickiness)  # TaskError outside [0, 1)
         _pos_int("tile", self.tile)
         _pos_int("batch_chunk", self.batch_chunk)
+        if self.threads is not None:
+            _pos_int("threads", self.threads)
         _pos_int("n_checkpoints", self.n_checkpoints)
         try:
             torch.device(self.device)

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ConfigError
-from ...hooks.sticky_models import DeepStickyModel
 from ...windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
 from .config import TEST_OFFSET
 
@@ -84,7 +83,9 @@ class DeepConfig:
         return d
 
 
-def _model(cfg: DeepConfig, seed: int) -> DeepStickyModel:
+def _model(cfg: DeepConfig, seed: int) -> Any:
+    from ...hooks.sticky_models import DeepStickyModel  # imports TransformerLens: only when used
+
     return DeepStickyModel(n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, seed=seed, device=cfg.device)
 
 

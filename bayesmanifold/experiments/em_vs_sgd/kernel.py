@@ -55,7 +55,7 @@ def attention_forward_backward(
     W_V: Float[Tensor, "batch d_in d_v"],
     W_O: Float[Tensor, "batch d_v n_out"],
     *,
-    tile: int = 128,
+    tile: int = 64,
     responsibility_rows: Tensor | None = None,
 ) -> _Pass:
     """Loss, predictive entropy, accuracy and exact gradients of a batch of single-head models.
@@ -72,8 +72,9 @@ def attention_forward_backward(
     B, T, d = X.shape
     scale = math.sqrt(W_Q.shape[-1])
     Q = torch.bmm(X, W_Q / scale)
-    K = torch.bmm(X, W_K)
-    V = torch.bmm(X, W_V)
+    # keys and values as columns [batch, d, pos]: the block products read them without a transpose
+    Kt = torch.bmm(X, W_K).transpose(1, 2).contiguous()
+    Vt = torch.bmm(X, W_V).transpose(1, 2).contiguous()
     g_O = torch.zeros_like(W_O)
     g_V = torch.zeros_like(W_V)
     C = X.new_zeros(B, d, d)
@@ -89,7 +90,7 @@ def attention_forward_backward(
     for a in range(0, T, tile):
         b = min(a + tile, T)
         n = b - a
-        S = torch.bmm(Q[:, a:b], K[:, :b].transpose(1, 2))
+        S = torch.bmm(Q[:, a:b], Kt[:, :, :b])
         S[:, :, a:b] += neg[:n, :n]
         A = torch.softmax(S, -1)
         del S
@@ -107,7 +108,7 @@ def attention_forward_backward(
         g_O += torch.bmm(Z.transpose(1, 2), G)
         g_V += torch.bmm(AX.transpose(1, 2), GZ)
         bbar = (GZ * Z).sum(-1, keepdim=True)  # b̄_i = Σ_j α_ij u_i·v_j = u_i·z_i
-        GA = torch.bmm(GZ, V[:, :b].transpose(1, 2))  # b_ij = u_i·v_j
+        GA = torch.bmm(GZ, Vt[:, :, :b])  # b_ij = u_i·v_j
         # G_S X = (α ⊙ b) X - b̄ (αX): saves one pass over the block
         GSX = torch.bmm(GA.mul_(A), X[:, :b]).sub_(bbar * AX)
         C += torch.bmm(X[:, a:b].transpose(1, 2), GSX)

@@ -66,6 +66,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     device = torch.device(config.device)
+    workers = 1 if device.type != "cpu" else (config.threads or torch.get_num_threads())
     chain = StickyChainConfig(stickiness=config.stickiness)
     chain_lit = StickyChainConfig(stickiness=config.stickiness, literal_stickiness=True)
     lr, vlr, ulr = config.lr, config.value_lr, config.uniform_lr
@@ -111,10 +112,11 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     ckpts = checkpoint_steps(config.steps, config.n_checkpoints) if config.probes else []
     snap_rows = [rows["sgd"][0], rows["em_like"][0]] if config.probes else []
     say(f"training {len(specs)} runs × {config.steps} steps as one batch")
-    out = train_runs(specs, data, steps=config.steps, tile=config.tile, chunk=config.batch_chunk, device=device,
-                 snapshot_rows=snap_rows, snapshot_steps=ckpts, progress=say)
+    par = {"tile": config.tile, "chunk": config.batch_chunk, "workers": workers}
+    out = train_runs(specs, data, steps=config.steps, device=device, **par,
+                     snapshot_rows=snap_rows, snapshot_steps=ckpts, progress=say)
     model_steps, train_wall = out.model_steps, out.wall_s
-    test = evaluate_runs(out.weights, [test_data(sp) for sp in specs], tile=config.tile, chunk=config.batch_chunk)
+    test = evaluate_runs(out.weights, [test_data(sp) for sp in specs], **par)
     h_min = chain.h_min_nats
     h_lit = chain_lit.h_min_nats
     thr = float(np.mean(out.final_loss[rows["sgd"]]))
@@ -133,10 +135,10 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
         adam_lr = min(adam_grid, key=lambda k: (adam_grid[k], k))
         say(f"Adam lr tuned on seed {config.tune_seed}: {adam_lr:g}; training Adam on the seeds")
         aspecs = [RunSpec("adam", s, dkey(s), "adam", (adam_lr,) * 4) for s in config.seeds]
-        aout = train_runs(aspecs, data, steps=config.steps, tile=config.tile, chunk=config.batch_chunk, device=device)
+        aout = train_runs(aspecs, data, steps=config.steps, device=device, **par)
         model_steps += aout.model_steps
         train_wall += aout.wall_s
-        atest = evaluate_runs(aout.weights, [test_data(sp) for sp in aspecs], tile=config.tile, chunk=config.batch_chunk)
+        atest = evaluate_runs(aout.weights, [test_data(sp) for sp in aspecs], **par)
         methods["adam"] = method_result(
             "adam", f"Adam (0.9, 0.999), lr {adam_lr:g} tuned by held-out loss on seed {config.tune_seed} "
             f"over {list(config.adam_lrs)}", aspecs, aout, list(range(len(aspecs))), thr, h_min, config.steps, atest)
@@ -165,7 +167,8 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
         ms_per_model_step=1000.0 * train_wall / model_steps,
         snapshots=snapshots,
         data=data,
-        extras={"h_min_literal_0.3_nats": h_lit, "h_min_literal_0.3_bits": h_lit / math.log(2.0)},
+        extras={"h_min_literal_0.3_nats": h_lit, "h_min_literal_0.3_bits": h_lit / math.log(2.0),
+                "train_threads": workers},
     )
 
 
