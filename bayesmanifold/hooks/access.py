@@ -99,6 +99,10 @@ class ModelAccess:
     """
 
     backend = "HookedTransformer"
+    #: site -> hook point name inside ``blocks.{layer}`` (rotary q/k are read at ``hook_rot_*``)
+    SITE_NAMES: dict[str, str] = _TL_NAME
+    #: the final normalised residual's hook point
+    FINAL_HOOK = "ln_final.hook_normalized"
     #: The dtype the softmax is taken in, when it differs from the model's (None: the model's).
     softmax_dtype: torch.dtype | None = None
 
@@ -201,12 +205,12 @@ class ModelAccess:
         if site == "embed":
             return "hook_embed"
         if site == "final":
-            return "ln_final.hook_normalized"
-        if site not in _TL_NAME:
+            return self.FINAL_HOOK
+        if site not in self.SITE_NAMES:
             raise SelectionError(f"unknown site {site!r}; accepted: {', '.join(ATTN_SITES + BLOCK_SITES + MODEL_SITES)}")
         if layer is None:
             raise SelectionError(f"site {site!r} is per layer: give a layer")
-        name = _TL_NAME[site]
+        name = self.SITE_NAMES[site]
         if site in ("q", "k") and self.is_rotary:
             name = name.replace("hook_", "hook_rot_")
         return f"blocks.{layer}.{name}"

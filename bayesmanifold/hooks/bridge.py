@@ -36,21 +36,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError, SelectionError
-from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, AttentionLayerInfo, ModelAccess
+from .access import AttentionLayerInfo, ModelAccess
 from .batch import Batch
 
 __all__ = ["BridgeAccess", "is_bridge"]
-
-_NAME = {
-    "q": "attn.hook_q",
-    "k": "attn.hook_k",
-    "v": "attn.hook_v",
-    "z": "attn.hook_z",
-    "scores": "attn.hook_attn_scores",
-    "pattern": "attn.hook_pattern",
-    "resid_pre": "hook_resid_pre",
-    "resid_post": "hook_resid_post",
-}
 
 
 def is_bridge(model: object) -> bool:
@@ -117,6 +106,7 @@ class BridgeAccess(ModelAccess):
     """
 
     backend = "TransformerBridge"
+    FINAL_HOOK = "ln_final.hook_out"  # ``scores`` is read at the softmax (see the module doc)
 
     def __init__(self, model: nn.Module) -> None:  # noqa: D107 - documented on the class
         if not is_bridge(model):
@@ -129,7 +119,7 @@ class BridgeAccess(ModelAccess):
         hd = model.hook_dict
         self.layers: dict[int, AttentionLayerInfo] = {}
         for layer in range(len(blocks)):
-            names = [f"blocks.{layer}.{_NAME[s]}" for s in ("pattern", "v", "z")]
+            names = [self.hook_name(s, layer) for s in ("pattern", "v", "z")]
             attn = getattr(blocks[layer], "attn", None)
             if attn is None or not all(n in hd for n in names):
                 continue
@@ -162,21 +152,6 @@ class BridgeAccess(ModelAccess):
         return torch.float32
 
     # ------------------------------------------------------------------ hook names
-    def hook_name(self, site: str, layer: int | None = None) -> str:
-        """The hook point of ``site``; ``scores`` is read at the softmax (see the module doc)."""
-        if site == "embed":
-            return "hook_embed"
-        if site == "final":
-            return "ln_final.hook_out"
-        if site not in _NAME:
-            raise SelectionError(f"unknown site {site!r}; accepted: {', '.join(ATTN_SITES + BLOCK_SITES + MODEL_SITES)}")
-        if layer is None:
-            raise SelectionError(f"site {site!r} is per layer: give a layer")
-        name = f"blocks.{layer}.{_NAME[site]}"
-        if site in ("q", "k") and self.is_rotary:
-            name = name.replace("hook_", "hook_rot_")
-        return name
-
     def has_site(self, site: str, layer: int | None = None) -> bool:
         if site == "scores":
             return layer in self.layers

@@ -22,7 +22,7 @@ How it stays cheap and side-effect free:
 - Hook names, masks and head counts come from the model-access layer (:mod:`.access`).
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ from ..errors import InputError, ModelError, ObjectiveError, SelectionError
 from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, model_access
 from .batch import Batch
 from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
+from .grad_scope import bind as _bind
+from .grad_scope import weights_frozen as _weights_frozen
 from .objectives import Objective, next_token_loss, validate_objective_value
 from .selection import select_heads
 
@@ -346,7 +348,8 @@ class Capture:
 
     def _forward_backward(self, call_inputs: Tensor, inputs: Tensor, objective: Objective, kwargs: dict) -> Tensor:
         with torch.enable_grad():
-            logits = self.model(call_inputs, **kwargs)
+            with _weights_frozen(self.model):
+                logits = self.model(call_inputs, **kwargs)
             self._active = False
             leaf = self._leaf
             if leaf is None:
@@ -355,6 +358,10 @@ class Capture:
             validate_objective_value(value)
             if not self._state:
                 raise ObjectiveError("no selected attention layer ran in the forward pass")
+            logits = logits.detach()
+            if not self._wants_output():
+                # nobody reads the logits: free them before the backward pass (batch × pos × vocab)
+                logits = None
             torch.autograd.grad(value, [leaf], allow_unused=True)
         if self._n_grads == 0:
             raise ObjectiveError(
@@ -364,7 +371,7 @@ class Capture:
         # Layers the objective does not depend on get zero gradients (there is no flow).
         for layer in sorted(self._state, reverse=True):
             self._dispatch(layer)
-        self._deliver_output(logits.detach(), value)
+        self._deliver_output(logits, value)
         return value
 
     def _check_keep_positions(self, n: int) -> None:
@@ -374,9 +381,15 @@ class Capture:
             if bad:
                 raise InputError(f"keep_query_positions {bad} out of range for {n} positions; accepted: -{n}..{n - 1}")
 
-    def _deliver_output(self, logits: Tensor, value: Tensor | None) -> None:
-        receivers = [a for a in self.accumulators if callable(getattr(a, "update_output", None))]
-        if not receivers and not self.keep:
+    def _output_receivers(self) -> list[Any]:
+        return [a for a in self.accumulators if callable(getattr(a, "update_output", None))]
+
+    def _wants_output(self) -> bool:
+        return self.keep or bool(self._output_receivers())
+
+    def _deliver_output(self, logits: Tensor | None, value: Tensor | None) -> None:
+        receivers = self._output_receivers()
+        if logits is None or not (receivers or self.keep):
             return
         out = OutputBundle(
             batch=self._batch,
@@ -388,13 +401,6 @@ class Capture:
             acc.update_output(out)
         if self.keep:
             self.output = out
-
-def _bind(fn: Callable, *args: Any) -> Callable:
-    def bound(*rest: Any) -> Any:
-        return fn(*args, *rest)
-
-    return bound
-
 
 # The documented entry point: ``with capture(model, ...) as cap:``.
 capture = Capture

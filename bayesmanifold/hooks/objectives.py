@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -20,12 +19,12 @@ Objective = Callable[[Tensor, Any], Tensor]
 
 
 def _per_token_ce(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"]) -> Tensor:
-    lg = logits[:, :-1]
-    if lg.dtype in (torch.float16, torch.bfloat16):
-        lg = lg.float()
-    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none").view(
-        tokens.shape[0], -1
-    )
+    # log-softmax over the whole tensor, then the next tokens picked out: the same numbers as
+    # cross_entropy on logits[:, :-1] without copying that non-contiguous slice (batch × pos × vocab)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logp = logits.log_softmax(-1)[:, :-1]
+    return -logp.gather(-1, tokens[:, 1:, None].to(device=logp.device, dtype=torch.long)).squeeze(-1)
 
 
 def next_token_loss(attention_mask: Tensor | None = None) -> Objective:

@@ -167,6 +167,30 @@ def test_frozen_model(gen):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_weights_frozen_only_during_the_forward(gen):
+    """Capture freezes the weights while the forward runs (autograd then saves no activations for
+    weight gradients) and restores every flag after, also when the forward raises."""
+    model = make_model(dtype=torch.float32)
+    model.blocks[1].attn.W_Q.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    during = []
+    model.blocks[0].attn.hook_pattern.add_hook(
+        lambda t, hook: during.append(any(p.requires_grad for p in model.parameters())))
+
+    def fail(t, hook):
+        raise RuntimeError("forward failed")
+
+    with capture(model) as cap:
+        cap.run(torch.randint(0, 50, (1, 8), generator=gen))
+        assert during == [False]
+        model.blocks[1].attn.hook_z.add_hook(fail)
+        with pytest.raises(RuntimeError, match="forward failed"):
+            cap.run(torch.randint(0, 50, (1, 8), generator=gen))
+    model.reset_hooks()
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_hooks_removed_when_objective_raises(gen):
     model = make_model()
     tokens = torch.randint(0, 50, (1, 8), generator=gen)
