@@ -34,7 +34,7 @@ __all__ = ["ModelSpec", "PRESETS", "ARCHS", "preset_spec", "build_model", "count
 ARCHS = ("transformer", "lstm", "mlp")
 
 #: preset name -> (n_layers, n_heads, d_model). d_mlp = 4·d_model (transformer).
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "bijection-paper": {"n_layers": 6, "n_heads": 6, "d_model": 192},
     "hmm-paper": {"n_layers": 9, "n_heads": 8, "d_model": 256},
     "bijection-cpu": {"n_layers": 2, "n_heads": 4, "d_model": 64},
@@ -43,9 +43,13 @@ PRESETS: dict[str, dict[str, int]] = {
     "hmm-cpu-deep": {"n_layers": 6, "n_heads": 4, "d_model": 64},
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
-    # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks
+    # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks. The shipped
+    # stdlib-attn2 and stdlib-mlp2 use these; the other variants were tried for induction heads
     "stdlib-attn2": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1},
-    "stdlib-attn2-rope": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "rotary": 1},
+    "stdlib-attn2-rope": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "positional": "rotary"},
+    # positions added to queries and keys only (TransformerLens "shortformer", as in its attn-only-2l)
+    "stdlib-attn2-short": {"n_layers": 2, "n_heads": 4, "d_model": 64, "attn_only": 1, "positional": "shortformer"},
+    "stdlib-attn2-d128": {"n_layers": 2, "n_heads": 4, "d_model": 128, "attn_only": 1},
     "stdlib-mlp2": {"n_layers": 2, "n_heads": 4, "d_model": 64},
 }
 
@@ -76,7 +80,7 @@ class ModelSpec:
     n_ctx: int
     mlp_context: str = "mean"
     attn_only: bool = False  # transformer without MLP blocks (recorded only when True)
-    rotary: bool = False  # rotary positions instead of learned absolute ones (recorded only when True)
+    positional: str = "standard"  # "standard" (learned, added to the residual), "rotary" or "shortformer"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -87,14 +91,17 @@ class ModelSpec:
                 raise ConfigError(f"{name} must be a positive int; got {v!r}")
         if self.arch == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.positional not in ("standard", "rotary", "shortformer"):
+            raise ConfigError(f"positional must be 'standard', 'rotary' or 'shortformer'; got {self.positional!r}")
         if self.mlp_context not in ("mean", "none"):
             raise ConfigError(f"mlp_context must be 'mean' or 'none'; got {self.mlp_context!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for flag in ("attn_only", "rotary"):
-            if not d[flag]:
-                del d[flag]  # configs without these options stay as they were
+        if not d["attn_only"]:
+            del d["attn_only"]  # configs without these options stay as they were
+        if d["positional"] == "standard":
+            del d["positional"]
         return d
 
     @classmethod
@@ -135,7 +142,7 @@ def preset_spec(
         d_vocab=task.d_vocab,
         n_ctx=n_ctx,
         attn_only=bool(p.get("attn_only")) and arch == "transformer",
-        rotary=bool(p.get("rotary")) and arch == "transformer",
+        positional=str(p.get("positional", "standard")) if arch == "transformer" else "standard",
     )
 
 
@@ -152,8 +159,8 @@ def hooked_config(spec: ModelSpec) -> dict[str, Any]:
         n_ctx=spec.n_ctx,
         act_fn="gelu",
         normalization_type="RMSPre",
-        positional_embedding_type="rotary" if spec.rotary else "standard",
-        rotary_dim=spec.d_model // spec.n_heads if spec.rotary else None,
+        positional_embedding_type=spec.positional,
+        rotary_dim=spec.d_model // spec.n_heads if spec.positional == "rotary" else None,
         default_prepend_bos=False,
     )
 

@@ -50,11 +50,14 @@ def test_text_task_bad_parameters(tmp_path):
 def test_attention_only_spec():
     task = TextCorpusTask(seq_len=16, max_files=4)
     spec = preset_spec("stdlib-attn2", task)
-    assert spec.attn_only and spec.to_dict()["attn_only"] is True and not spec.rotary
+    assert spec.attn_only and spec.to_dict()["attn_only"] is True and spec.positional == "standard"
+    assert "positional" not in spec.to_dict()  # configs with learned positions stay as they were
     model = build_model(spec)
     assert model.cfg.attn_only and not any("mlp" in n for n, _ in model.named_parameters())
     rope = build_model(preset_spec("stdlib-attn2-rope", task))
+    assert build_model(preset_spec("stdlib-attn2-short", task)).cfg.positional_embedding_type == "shortformer"
     assert rope.cfg.positional_embedding_type == "rotary" and rope.cfg.rotary_dim == 16 and rope.cfg.attn_only
+    assert build_model(preset_spec("stdlib-attn2-d128", task)).cfg.d_head == 32
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     mlp = preset_spec("stdlib-mlp2", task)
     assert "attn_only" not in mlp.to_dict() and "rotary" not in mlp.to_dict()  # other configs stay as they were
@@ -82,3 +85,32 @@ def test_train_text_end_to_end(tmp_path, capsys):
     again = task.evaluate(model, n=4)["heldout_loss"]
     assert again == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
 
+
+@pytest.mark.parametrize("name", ["stdlib-attn2", "stdlib-mlp2"])
+def test_shipped_text_checkpoints_remeasure(name):
+    """The shipped real-text models load; their recorded induction scores and held-out loss are
+    re-measured on a tiny evaluation (the held-out loss needs the same stdlib files)."""
+    import numpy as np
+
+    from bayesmanifold.analyses import induction_scores
+    from bayesmanifold.models.checkpoint import shipped_dir
+
+    d = shipped_dir() / name
+    model, task, cfg, hist = load_checkpoint(name)
+    metrics = json.loads((d / "metrics.json").read_text())
+    steps = [s for s, _ in list_snapshots(name)]
+    assert len(steps) >= 15 and steps[0] == 0 and steps[-1] == cfg["step"]
+    probe = metrics["induction_probe"]
+    tiny = induction_scores(model, n_seqs=metrics["induction_tiny"]["n_seqs"], half=probe["half"], seed=probe["seed"])
+    np.testing.assert_allclose(tiny.score, metrics["induction_tiny"]["scores"], rtol=1e-4, atol=1e-6)
+    if name == "stdlib-attn2":  # previous-token heads formed in layer 0 (no induction head did: see the README)
+        prev = [h["prev_token_score"] for h in metrics["heads"] if h["layer"] == 0]
+        assert max(prev) > 0.2 and max(prev) > 5 * max(h["induction_score"] for h in metrics["heads"])
+    total = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
+    assert total <= 20_000_000, f"shipped checkpoints take {total} bytes"
+    corpus = json.loads((d / "corpus.json").read_text())
+    if task.describe()["sha256"] != corpus["sha256"]:
+        pytest.skip(f"this interpreter's stdlib differs from the one {name} was trained on (Python {corpus['python_version']})")
+    again = task.evaluate(model, n=metrics["n_tiny_windows"])["heldout_loss"]
+    assert again == pytest.approx(metrics["heldout_loss_tiny"], rel=1e-5)
+    assert metrics["heldout_loss"] == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
