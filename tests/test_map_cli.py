@@ -32,6 +32,20 @@ def test_map_writes_page_and_json(toy_map, capsys):
     assert not re.search(r"https?://|//cdn|\bsrc\s*=|<link\b|@import", page, re.I)
 
 
+def test_map_of_the_shipped_stdlib_model_by_name(tmp_path):
+    """A shipped checkpoint's bare name resolves (the README's command), in float64 exactly."""
+    from pathlib import Path
+
+    prompt = Path(__file__).resolve().parents[1] / "docs" / "map_prompt.txt"
+    out = tmp_path / "m.html"
+    rc = main(["map", "stdlib-attn2", "--prompt-file", str(prompt), "--heads", "0.3", "--dtype", "float64",
+               "--out", str(out), "--json", str(tmp_path / "m.json")])
+    assert rc == 0 and out.is_file()
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["token_ids"] == list(prompt.read_bytes()) and [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 3)]
+    assert d["heads"][0]["law_residual"] < 1e-10
+
+
 def test_map_errors_are_one_line_and_come_first(tmp_path, capsys):
     out = str(tmp_path / "m.html")
     cases = [

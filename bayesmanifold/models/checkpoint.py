@@ -204,9 +204,9 @@ def read_config(path_or_name: "str | Path") -> dict:
 
 
 def is_complete(path: "str | Path") -> bool:
-    """Whether ``path`` holds a finished checkpoint."""
+    """Whether ``path`` (a directory or a shipped name) holds a finished checkpoint."""
     try:
-        return bool(read_config(Path(path)).get("complete"))
+        return bool(read_config(path).get("complete"))
     except CheckpointError:
         return False
 
