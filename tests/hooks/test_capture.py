@@ -171,7 +171,7 @@ def test_weights_frozen_only_during_the_forward(gen):
     """Capture freezes the weights while the forward runs (autograd then saves no activations for
     weight gradients) and restores every flag after, also when the forward raises."""
     model = make_model(dtype=torch.float32)
-    model.blocks[1].attn.W_Q.requires_grad_(False)
+    list(model.parameters())[1].requires_grad_(False)  # one the user froze stays frozen
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     during = []
     model.blocks[0].attn.hook_pattern.add_hook(

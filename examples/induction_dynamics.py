@@ -5,8 +5,9 @@ on held-out repeated random sequences and held-out stdlib code, and writes the f
 summary (see :mod:`bayesmanifold.experiments.induction_dynamics` for every definition).
 
 Run:
-    python scripts/induction_dynamics.py                              # ~2-5 min on a CPU
-    python scripts/induction_dynamics.py --checkpoint runs/my-run --out out/induction
+    python examples/induction_dynamics.py                              # ~75 s on a CPU
+    python examples/induction_dynamics.py --quick                      # 4 sequences, no replay
+    python examples/induction_dynamics.py --checkpoint runs/my-run --out out/induction
 """
 
 import argparse
@@ -22,8 +23,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="docs/induction", help="where the figures and induction_dynamics.json go")
     p.add_argument("--n-seqs", type=int, default=16, help="sequences per probe")
     p.add_argument("--no-replay", action="store_true", help="skip the frame-precision replay")
+    p.add_argument("--quick", action="store_true", help="4 sequences per probe and no replay (a first look)")
     args = p.parse_args(argv)
-    res = induction_dynamics(args.checkpoint, n_seqs=args.n_seqs, replay_dynamics=not args.no_replay)
+    n_seqs, replay = (4, False) if args.quick else (args.n_seqs, not args.no_replay)
+    res = induction_dynamics(args.checkpoint, n_seqs=n_seqs, replay_dynamics=replay)
     paths = write_outputs(res, args.out)
     L, H = res.induction_head
     snaps = res.to_dataframe("snapshots")
