@@ -266,19 +266,32 @@ def geometry(target: Target, config: SuiteConfig) -> Stage:
     return {"analyze": res.to_dict()}, sections
 
 
+#: the live section's seeds: the first two of the recorded run's five (each seed's run is the same
+#: computation in both, so the live final losses are checked against the recorded ones)
+LIVE_EM_SEEDS = (42, 2024)
+
+
 def em_vs_sgd(*, quick: bool) -> Stage:
-    """Paper II's EM-like vs SGD run live (SGD and EM-like only); the controls from the recorded
-    full run, labelled with the command that made it (they take minutes more on 2 CPU cores)."""
+    """Paper II's EM-like vs SGD run live (SGD and EM-like, two seeds); the five seeds and the
+    controls from the recorded full run, labelled with the command that made it (minutes more on
+    2 CPU cores)."""
     import pandas as pd
 
     from ..experiments.em_vs_sgd import EMvsSGDConfig, run_em_vs_sgd
 
-    cfg = EMvsSGDConfig(seeds=(42, 2024) if quick else (42, 2024, 1337, 7777, 9999), steps=300 if quick else 1000, controls=False)
+    # 4 runs per pass: query tiles of 256 cost fewer per-op overheads than the default 64 (measured
+    # 9.4 vs 13.0 ms per model-step on 2 CPU cores); the numbers agree with the recorded run's
+    cfg = EMvsSGDConfig(seeds=LIVE_EM_SEEDS, steps=300 if quick else 1000, controls=False, tile=256)
     res = run_em_vs_sgd(cfg)
     numbers: dict[str, Any] = {"em_vs_sgd": res.to_dict()}
+    recorded = recorded_em_vs_sgd()
+    if recorded is not None and not quick:
+        live = numbers["em_vs_sgd"]
+        numbers["em_vs_sgd_live_vs_recorded_max_abs"] = max(
+            abs(live[m]["per_seed"][str(sd)]["final_loss"] - recorded[m]["per_seed"][str(sd)]["final_loss"])
+            for m in ("sgd", "em_like") for sd in LIVE_EM_SEEDS)
     live_title = SECTIONS["em_vs_sgd"][0]
     table = pd.DataFrame(res.to_dataframe())
-    recorded = recorded_em_vs_sgd()
     if recorded is None:
         return numbers, [section(live_title, EM_HOW, figure=_fig(res), name="em_vs_sgd", table=table)]
     rows = [{"method": k, **{f: v.get(f) for f in EM_RECORDED_COLUMNS}}
