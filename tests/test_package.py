@@ -54,3 +54,16 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in COMMAND_MODULES:
         assert name in out
+
+
+def test_allocator_tuning_is_cli_only():
+    """keep_freed_memory works on Linux/glibc and nothing in the library calls it."""
+    import pathlib
+    import sys
+
+    from bayesmanifold.commands.allocator import keep_freed_memory
+
+    assert keep_freed_memory() is sys.platform.startswith("linux")
+    root = pathlib.Path(__file__).resolve().parents[1] / "bayesmanifold"
+    callers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if "keep_freed_memory()" in p.read_text())
+    assert callers == ["commands/demo.py", "commands/reproduce.py"]

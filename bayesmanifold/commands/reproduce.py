@@ -51,10 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.em_vs_sgd import EMvsSGDConfig, reproduce_em_vs_sgd, seeds_for
     from ..experiments.em_vs_sgd.deep import DeepConfig
-
     from .allocator import keep_freed_memory
 
-    keep_freed_memory()  # this process is ours: keep freed pages (about 20 % faster training)
+    keep_freed_memory()  # this process is ours: keep freed pages (see commands/allocator.py)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = EMvsSGDConfig(
