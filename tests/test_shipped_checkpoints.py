@@ -19,15 +19,19 @@ from bayesmanifold.windtunnels.calibration import measure_calibration
 EXPECTED = ["bijection-v20", "bijection-v20-base", "bijection-v20-lstm", "bijection-v20-mlp",
             "hmm-k20", "hmm-k20-lstm", "hmm-k20-mlp"]
 SHIPPED = [row["name"] for row in list_shipped()]
+# the byte-level text models have no exact posterior to calibrate against: their held-out loss and
+# induction scores are re-measured in tests/models/test_text_training.py
+TEXT = ["stdlib-attn2", "stdlib-mlp2"]
+WIND_TUNNEL = [n for n in SHIPPED if json.loads((shipped_dir() / n / "metrics.json").read_text()).get("kind") != "text"]
 
 
 def test_expected_checkpoints_are_shipped_within_budget():
-    assert set(EXPECTED) <= set(SHIPPED)
+    assert set(EXPECTED) <= set(WIND_TUNNEL) and set(TEXT) <= set(SHIPPED)
     total = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
-    assert total <= 15 * 2**20
+    assert total <= 20_000_000  # 20 MB for every shipped checkpoint together
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", WIND_TUNNEL)
 def test_recorded_calibration_holds(name):
     model, task, config, history = load_checkpoint(name)
     assert config["complete"] and config["command"].startswith("bayesmanifold train")
