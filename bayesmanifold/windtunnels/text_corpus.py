@@ -131,7 +131,9 @@ class TextCorpusTask(WindTunnel):
             "tokenization": "utf8-bytes (raw file bytes, vocabulary 256)",
             "python_version": sys.version.split()[0],
             "python": sys.version,
-            "root": d["root"],
+            # the stdlib's location says nothing about the corpus (version and SHA-256 do) and
+            # names the training machine's directories: recorded as the sysconfig key only
+            "root": "sysconfig stdlib" if self.corpus == "stdlib" else d["root"],
             "sha256": d["sha256"],
             "n_files": len(files),
             "train_files": [f for i, f in enumerate(files) if i % self.holdout_every],
