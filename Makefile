@@ -18,26 +18,24 @@ PYTEST_FLAGS ?= -rfs
 
 .PHONY: test test-tl3 test-tl2 test-tl4 test-all demo lint bench setup clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+# One recipe for every venv: the directory is the target's ($(@D)), the constraints file its second
+# prerequisite.
+define install_venv
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install -q --upgrade pip
+	$(@D)/bin/python -m pip install -q -c $(word 2,$^) torch==2.13.0
+	$(@D)/bin/python -m pip install -q -c $(word 2,$^) -e '.[dev]'
 	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(install_venv)
 
 $(VENV_TL3)/.installed: pyproject.toml constraints-tl3.txt
-	$(PYTHON) -m venv $(VENV_TL3)
-	$(PY_TL3) -m pip install -q --upgrade pip
-	$(PY_TL3) -m pip install -q -c constraints-tl3.txt torch==2.13.0
-	$(PY_TL3) -m pip install -q -c constraints-tl3.txt -e '.[dev]'
-	touch $@
+	$(install_venv)
 
 $(VENV_TL2)/.installed: pyproject.toml constraints-tl2.txt
-	$(PYTHON) -m venv $(VENV_TL2)
-	$(PY_TL2) -m pip install -q --upgrade pip
-	$(PY_TL2) -m pip install -q -c constraints-tl2.txt torch==2.13.0
-	$(PY_TL2) -m pip install -q -c constraints-tl2.txt -e '.[dev]'
-	touch $@
+	$(install_venv)
 
 setup: $(VENV)/.installed
 
