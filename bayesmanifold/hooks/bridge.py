@@ -106,7 +106,7 @@ class BridgeAccess(ModelAccess):
     """
 
     backend = "TransformerBridge"
-    FINAL_HOOK = "ln_final.hook_out"  # ``scores`` is read at the softmax (see the module doc)
+    FINAL_HOOK = "ln_final.hook_out"  # the bridge's final norm output (no hook_normalized)
 
     def __init__(self, model: nn.Module) -> None:  # noqa: D107 - documented on the class
         if not is_bridge(model):

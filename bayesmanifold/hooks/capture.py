@@ -171,9 +171,8 @@ class Capture:
     def _input_fwd(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
         if not self._active:
             return None
-        leaf = output.detach().requires_grad_(True)
-        self._leaf = leaf
-        return leaf
+        self._leaf = output.detach().requires_grad_(True)
+        return self._leaf
 
     def _model_fwd(self, site: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if self._active:
@@ -358,10 +357,8 @@ class Capture:
             validate_objective_value(value)
             if not self._state:
                 raise ObjectiveError("no selected attention layer ran in the forward pass")
-            logits = logits.detach()
-            if not self._wants_output():
-                # nobody reads the logits: free them before the backward pass (batch × pos × vocab)
-                logits = None
+            # free the logits (batch × pos × vocab) before the backward pass unless something reads them
+            logits = logits.detach() if self.keep or self._output_receivers() else None
             torch.autograd.grad(value, [leaf], allow_unused=True)
         if self._n_grads == 0:
             raise ObjectiveError(
@@ -384,12 +381,8 @@ class Capture:
     def _output_receivers(self) -> list[Any]:
         return [a for a in self.accumulators if callable(getattr(a, "update_output", None))]
 
-    def _wants_output(self) -> bool:
-        return self.keep or bool(self._output_receivers())
-
     def _deliver_output(self, logits: Tensor | None, value: Tensor | None) -> None:
-        receivers = self._output_receivers()
-        if logits is None or not (receivers or self.keep):
+        if logits is None or not ((receivers := self._output_receivers()) or self.keep):
             return
         out = OutputBundle(
             batch=self._batch,
@@ -401,6 +394,7 @@ class Capture:
             acc.update_output(out)
         if self.keep:
             self.output = out
+
 
 # The documented entry point: ``with capture(model, ...) as cap:``.
 capture = Capture

@@ -107,6 +107,8 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         names = {f.name for f in fields(cls)}
+        if "rotary" in d and "positional" not in d:  # configs written before `positional` existed
+            d = {k: v for k, v in d.items() if k != "rotary"} | ({"positional": "rotary"} if d["rotary"] else {})
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown ModelSpec fields {sorted(unknown)}; accepted {sorted(names)}")

@@ -8,7 +8,7 @@ import torch
 from helpers import HAS_HOOKED
 
 from bayesmanifold.cli import main
-from bayesmanifold.errors import ModelError, TaskError
+from bayesmanifold.errors import ConfigError, ModelError, TaskError
 from bayesmanifold.models.checkpoint import load_checkpoint, read_config
 from bayesmanifold.models.presets import ModelSpec, build_model, preset_spec
 from bayesmanifold.models.snapshots import list_snapshots
@@ -120,3 +120,15 @@ def test_shipped_text_checkpoints_remeasure(name):
     again = task.evaluate(model, n=metrics["n_tiny_windows"])["heldout_loss"]
     assert again == pytest.approx(metrics["heldout_loss_tiny"], rel=1e-5)
     assert metrics["heldout_loss"] == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
+
+
+def test_configs_with_the_former_rotary_flag_still_load():
+    """Configs written before ``positional`` existed recorded ``rotary`` (a bool)."""
+    task = TextCorpusTask(seq_len=16, max_files=4)
+    d = preset_spec("stdlib-attn2-rope", task).to_dict()
+    old = {k: v for k, v in d.items() if k != "positional"} | {"rotary": True}
+    assert ModelSpec.from_dict(old) == ModelSpec.from_dict(d)
+    plain = {k: v for k, v in d.items() if k != "positional"} | {"rotary": False}
+    assert ModelSpec.from_dict(plain).positional == "standard"
+    with pytest.raises(ConfigError, match="unknown ModelSpec fields"):
+        ModelSpec.from_dict(d | {"rotary": True})  # both: ambiguous, refused
