@@ -113,9 +113,9 @@ def train_runs(
     m_size = torch.tensor([s.m_step for s in specs], dtype=X.dtype, device=device)
     pinv = None
     if m_list:
-        Xm = X.index_select(0, m_rows).double()
-        pinv = torch.linalg.solve(Xm.transpose(1, 2) @ Xm, Xm.transpose(1, 2)).to(X.dtype)
         Xm = X.index_select(0, m_rows)
+        Xd = Xm.double()
+        pinv = torch.linalg.solve(Xd.transpose(1, 2) @ Xd, Xd.transpose(1, 2)).to(X.dtype)
     adam_m = [torch.zeros_like(w) for w in W]
     adam_v = [torch.zeros_like(w) for w in W]
     b1, b2, eps = 0.9, 0.999, 1e-8
