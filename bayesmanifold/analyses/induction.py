@@ -184,6 +184,22 @@ class InductionResult:
         return ax
 
 
+def _ordinary_ids(access: Any) -> tuple[int, int]:
+    """The id range random probe tokens are drawn from: printable ASCII for a 256-id byte
+    vocabulary without tokenizer; else every id but the tokenizer's special tokens at either end
+    (a BPE checkpoint's ``<|endoftext|>`` = 0, GPT-2's = the last id)."""
+    vocab = access.d_vocab or 2
+    if access.tokenizer is None:
+        return (32, 127) if vocab == 256 else (0, vocab)
+    special = set(int(i) for i in (getattr(access.tokenizer, "all_special_ids", None) or []))
+    lo, hi = 0, vocab
+    while lo in special and lo < hi - 2:
+        lo += 1
+    while hi - 1 in special and hi - 2 > lo:
+        hi -= 1
+    return lo, hi
+
+
 def induction_scores(
     model: Any,
     *,
@@ -203,7 +219,7 @@ def induction_scores(
         tokens: ``[batch, pos]`` ids to measure on (e.g. real code); default: ``n_seqs`` repeated
             random sequences of ``2 * half`` tokens (``half`` default: n_ctx // 2, at most 64),
             drawn from a generator seeded with ``seed`` (printable ASCII 32..126 for a 256-id
-            byte vocabulary, else every id).
+            byte vocabulary without tokenizer, else every id but special tokens at either end).
         targets: key index per query (−1: none); default for ``tokens``:
             :func:`induction_targets` with ``min_match``.
         gradients: also run the backward pass (next-token loss) and measure the routing force.
@@ -215,7 +231,7 @@ def induction_scores(
         half = half or min(64, n_ctx // 2)
         if 2 * half > n_ctx:
             raise InputError(f"2 * half = {2 * half} exceeds the model's context n_ctx={n_ctx}")
-        lo, hi = (32, 127) if access.d_vocab == 256 else (0, access.d_vocab or 2)
+        lo, hi = _ordinary_ids(access)
         g = torch.Generator().manual_seed(int(seed))
         tokens, auto = repeated_random_tokens(n_seqs, half, low=lo, high=hi, generator=g)
         targets = auto if targets is None else targets

@@ -29,6 +29,7 @@ __all__ = [
     "load_model",
     "load_hf_directory",
     "hf_config_dict",
+    "load_tokenizer",
     "toy_model",
     "build_hooked",
     "library_versions",
@@ -197,6 +198,17 @@ def _neutral_config_dir(config: dict[str, Any]):
         f"could not create a temporary directory whose path avoids {_NAME_TRIGGERS} (TransformerLens "
         "reads those as model names); set TMPDIR to another directory"
     )
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The HuggingFace tokenizer saved in ``directory`` (e.g. a checkpoint's ``tokenizer/``), read
+    with no network."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"cannot read the tokenizer in {str(directory)!r}: {_first_line(exc)}") from None
 
 
 def hf_config_dict(path: str | os.PathLike) -> dict[str, Any]:

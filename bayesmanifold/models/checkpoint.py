@@ -10,6 +10,8 @@ A checkpoint directory holds
 * ``history.json``: training losses, evaluations (entropy MAE, KL), callback states, wall time;
 * ``train_state.pt`` (runs in progress only): weights, optimiser, scheduler, data-RNG state, step
   and history in **one** file, so a resume never mixes two steps;
+* ``tokenizer/`` (text models with a BPE vocabulary): the HuggingFace tokenizer files, given to
+  the model on load so that prompts and maps read text with the training vocabulary;
 * ``metrics.json`` (optional): a calibration measured after training (``bayesmanifold calibrate``);
 * ``snapshots/step_XXXXXX.pt``: fp16 weights at chosen steps, for replaying the training dynamics;
   numbered by cumulative step, and a warm-started run carries its parent's snapshots over, so
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hooks.loading import library_versions, load_fitting_state_dict
+from ..hooks.loading import library_versions, load_fitting_state_dict, load_tokenizer
 from ..io import atomic_torch_save, atomic_write_json, ensure_dir
 from ..windtunnels.base import WindTunnel
 from ..windtunnels.registry import task_from_dict
@@ -46,11 +48,12 @@ __all__ = [
     "list_shipped",
     "check_same_run",
     "load_weights",
+    "checkpoint_tokenizer",
 ]
 
 FORMAT = "bayesmanifold.checkpoint/1"
-CONFIG, WEIGHTS, HISTORY, STATE, METRICS, SNAPSHOTS = (
-    "config.json", "model.pt", "history.json", "train_state.pt", "metrics.json", "snapshots")
+CONFIG, WEIGHTS, HISTORY, STATE, METRICS, SNAPSHOTS, TOKENIZER = (
+    "config.json", "model.pt", "history.json", "train_state.pt", "metrics.json", "snapshots", "tokenizer")
 
 
 def shipped_dir() -> Path:
@@ -116,6 +119,9 @@ def save_checkpoint(
             "data_rng": generator.get_state() if generator is not None else None,
             "history": history,
         })
+    save_tok = getattr(task, "save_tokenizer", None)
+    if callable(save_tok) and not (out / TOKENIZER / "tokenizer.json").is_file():
+        save_tok(out / TOKENIZER)
     atomic_torch_save(out / WEIGHTS, weights)
     atomic_write_json(out / HISTORY, history)
     atomic_write_json(out / CONFIG, cfg)
@@ -222,6 +228,12 @@ def load_weights(model: nn.Module, file: Path) -> None:
     load_fitting_state_dict(model, sd, f"weights {str(file)!r}")
 
 
+def checkpoint_tokenizer(directory: "str | Path") -> Any:
+    """The tokenizer a checkpoint directory saved (``tokenizer/``), or None (byte-level models)."""
+    d = Path(directory) / TOKENIZER
+    return load_tokenizer(d) if (d / "tokenizer.json").is_file() else None
+
+
 def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "cpu"):
     """Load a checkpoint directory or a shipped checkpoint by name.
 
@@ -239,7 +251,7 @@ def load_checkpoint(path_or_name: "str | Path", device: "str | torch.device" = "
         spec = ModelSpec.from_dict(cfg["model"])
     except Exception as exc:
         raise CheckpointError(f"{str(d)!r} has an invalid task or model config: {exc}") from None
-    model = build_model(spec, seed=0)
+    model = build_model(spec, seed=0, tokenizer=checkpoint_tokenizer(d))
     load_weights(model, d / WEIGHTS)
     history: dict = {}
     if (d / HISTORY).is_file():

@@ -167,17 +167,18 @@ def hooked_config(spec: ModelSpec) -> dict[str, Any]:
     )
 
 
-def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu") -> nn.Module:
+def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu", tokenizer: Any = None) -> nn.Module:
     """Build a freshly initialised model; the init is seeded and the global RNG is left as found.
 
     The weights are drawn on the CPU (so they do not depend on ``device``) from the seeded
     default generator inside :func:`bayesmanifold.hooks.loading.keep_global_rng`. Every
-    architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``.
+    architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``. A transformer
+    gets ``tokenizer`` (a HuggingFace tokenizer, e.g. a BPE text checkpoint's) as its own.
     """
     from .baselines import CausalMLP, LSTMModel
 
     if spec.arch == "transformer":
-        return build_hooked(hooked_config(spec), seed=seed, device=device)
+        return build_hooked(hooked_config(spec), seed=seed, device=device, tokenizer=tokenizer)
     with keep_global_rng():
         torch.random.default_generator.manual_seed(seed)
         if spec.arch == "lstm":

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import atomic_torch_save, ensure_dir
-from .checkpoint import SNAPSHOTS, load_weights, read_config, resolve_checkpoint
+from .checkpoint import SNAPSHOTS, checkpoint_tokenizer, load_weights, read_config, resolve_checkpoint
 from .presets import ModelSpec, build_model, move_model
 
 __all__ = ["save_snapshot", "list_snapshots", "load_snapshot", "carry_snapshots", "parent_lineage"]
@@ -86,6 +86,6 @@ def load_snapshot(path_or_name: "str | Path", step: int, device: "str | torch.de
     if step not in snaps:
         raise CheckpointError(f"{str(d)!r} has no snapshot at step {step}; available {sorted(snaps)}")
     cfg = read_config(d)
-    model = build_model(ModelSpec.from_dict(cfg["model"]), seed=0)
+    model = build_model(ModelSpec.from_dict(cfg["model"]), seed=0, tokenizer=checkpoint_tokenizer(d))
     load_weights(model, snaps[step])
     return move_model(model, device).eval()

@@ -10,8 +10,11 @@ Corpus ``"stdlib"``: every ``.py`` file under the running interpreter's standard
 directory whose ``.py`` files are read the same way. Files are sorted by relative path (POSIX
 form); file ``i`` is **held out** when ``i % holdout_every == 0`` (so about 1 in 20 files by
 default, spread over the alphabet); ``max_files > 0`` keeps ``max_files`` files evenly spaced
-over the sorted list (for quick runs). The text is read **byte-level**: the token ids are the
-files' raw bytes (vocabulary 256, no tokenizer), files concatenated in order.
+over the sorted list (for quick runs). With ``bpe_vocab = 0`` (default) the text is read
+**byte-level**: the token ids are the files' raw bytes (vocabulary 256, no tokenizer), files
+concatenated in order. With ``bpe_vocab = V`` (≥ 258) a byte-level BPE of V tokens is learned
+from the training files (:mod:`bayesmanifold.windtunnels.bpe`) and the files (decoded as UTF-8)
+are encoded with it, each followed by ``<|endoftext|>``; the checkpoint saves that tokenizer.
 
 :meth:`TextCorpusTask.describe` records the Python version, the stdlib path, the file lists and
 a SHA-256 over every (path, content) pair, so that a checkpoint says exactly what it read.
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from ..errors import TaskError
 from .base import TaskBatch, WindTunnel, _check_int, make_generator
+from .bpe import encode_documents, save_tokenizer, tokenizer_description, train_bpe
 
 __all__ = ["TextCorpusTask", "corpus_files", "SKIP_DIRS"]
 
@@ -70,6 +74,8 @@ class TextCorpusTask(WindTunnel):
         seq_len: bytes per training window (the model's context).
         holdout_every: file ``i`` (sorted) is held out when ``i % holdout_every == 0``.
         max_files: use only this many files, evenly spaced (0 = all).
+        bpe_vocab: 0 = raw bytes (vocabulary 256); V >= 258 = a byte-level BPE of V tokens
+            learned from the training files.
 
     Example:
         >>> task = TextCorpusTask(seq_len=64, max_files=8)
@@ -84,6 +90,7 @@ class TextCorpusTask(WindTunnel):
     seq_len: int = 256
     holdout_every: int = 20
     max_files: int = 0
+    bpe_vocab: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
@@ -91,10 +98,19 @@ class TextCorpusTask(WindTunnel):
         _check_int("seq_len", self.seq_len, 2)
         _check_int("holdout_every", self.holdout_every, 2)
         _check_int("max_files", self.max_files, 0)
+        _check_int("bpe_vocab", self.bpe_vocab, 0)
+        if 0 < self.bpe_vocab < 258:
+            raise TaskError(f"bpe_vocab must be 0 (raw bytes) or at least 258 (256 bytes, <|endoftext|> and a merge), got {self.bpe_vocab}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if not self.bpe_vocab:  # byte-level configs stay as they were before BPE existed
+            d.pop("bpe_vocab")
+        return d
 
     # ------------------------------------------------------------------ the data
     def _data(self) -> dict[str, Any]:
-        key = (self.corpus, self.holdout_every, self.max_files)
+        key = (self.corpus, self.holdout_every, self.max_files, self.bpe_vocab)
         if key not in _CACHE:
             root = _root(self.corpus)
             files = corpus_files(self.corpus)
@@ -108,17 +124,25 @@ class TextCorpusTask(WindTunnel):
                 data = (root / rel).read_bytes()
                 h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
                 parts[i % self.holdout_every == 0].append(data)
-            train = np.frombuffer(b"".join(parts[False]), dtype=np.uint8)
-            held = np.frombuffer(b"".join(parts[True]), dtype=np.uint8)
+            tok = None
+            if self.bpe_vocab:
+                texts = {k: [p.decode("utf-8", errors="replace") for p in v] for k, v in parts.items()}
+                tok = train_bpe(texts[False], self.bpe_vocab)
+                train, held = encode_documents(tok, texts[False]), encode_documents(tok, texts[True])
+            else:
+                train = np.frombuffer(b"".join(parts[False]), dtype=np.uint8)
+                held = np.frombuffer(b"".join(parts[True]), dtype=np.uint8)
             for name, arr in (("training", train), ("held-out", held)):
                 if len(arr) < self.seq_len:
-                    raise TaskError(f"the {name} files of {self.corpus!r} hold {len(arr)} bytes, fewer than seq_len={self.seq_len}")
+                    raise TaskError(f"the {name} files of {self.corpus!r} hold {len(arr)} tokens, fewer than seq_len={self.seq_len}")
             _CACHE[key] = {
                 "root": str(root),
                 "files": files,
                 "sha256": h.hexdigest(),
                 "train": torch.from_numpy(train.astype(np.int64)),
                 "held": torch.from_numpy(held.astype(np.int64)),
+                "tokenizer": tok,
+                "n_bytes": {k: sum(len(p) for p in v) for k, v in parts.items()},
             }
         return _CACHE[key]
 
@@ -128,7 +152,8 @@ class TextCorpusTask(WindTunnel):
         files = d["files"]
         return {
             "corpus": self.corpus,
-            "tokenization": "utf8-bytes (raw file bytes, vocabulary 256)",
+            "tokenization": (tokenizer_description(d["tokenizer"]) if d["tokenizer"] is not None
+                             else "utf8-bytes (raw file bytes, vocabulary 256)"),
             "python_version": sys.version.split()[0],
             "python": sys.version,
             # the stdlib's location says nothing about the corpus (version and SHA-256 do) and
@@ -138,18 +163,25 @@ class TextCorpusTask(WindTunnel):
             "n_files": len(files),
             "train_files": [f for i, f in enumerate(files) if i % self.holdout_every],
             "heldout_files": [f for i, f in enumerate(files) if i % self.holdout_every == 0],
-            "n_train_bytes": int(len(d["train"])),
-            "n_heldout_bytes": int(len(d["held"])),
+            "n_train_bytes": int(d["n_bytes"][False]),
+            "n_heldout_bytes": int(d["n_bytes"][True]),
+            "n_train_tokens": int(len(d["train"])),
+            "n_heldout_tokens": int(len(d["held"])),
         }
+
+    def save_tokenizer(self, directory: "str | Path") -> "Path | None":
+        """Write the BPE tokenizer (HuggingFace files) to ``directory``; None for a byte-level task."""
+        tok = self._data()["tokenizer"] if self.bpe_vocab else None
+        return None if tok is None else save_tokenizer(tok, directory, n_ctx=self.seq_len)
 
     # ------------------------------------------------------------------ WindTunnel interface
     @property
     def d_vocab(self) -> int:
-        return 256
+        return self.bpe_vocab or 256
 
     @property
     def answer_tokens(self) -> Int[Tensor, " n_answer"]:
-        return torch.arange(256)
+        return torch.arange(self.d_vocab)
 
     @property
     def positions(self) -> Int[Tensor, " n_sup"]:
@@ -181,7 +213,8 @@ class TextCorpusTask(WindTunnel):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, *, n: int = 64, device: "str | torch.device" = "cpu", chunk: int = 16) -> dict[str, float]:
-        """Mean next-byte cross-entropy on ``n`` held-out windows (nats and bits per byte)."""
+        """Mean next-token cross-entropy on ``n`` held-out windows (nats per token; for a BPE task
+        also nats and bits per byte, scaled by the held-out stream's bytes per token)."""
         windows = self.heldout_windows(n)
         total, count = 0.0, 0
         for s in range(0, len(windows), chunk):
@@ -191,4 +224,10 @@ class TextCorpusTask(WindTunnel):
             total += float(ce)
             count += x[:, 1:].numel()
         loss = total / count
+        per_byte = loss
+        if self.bpe_vocab:
+            d = self._data()
+            per_byte = loss * len(d["held"]) / d["n_bytes"][True]
+            return {"heldout_loss": loss, "heldout_loss_per_byte": per_byte, "heldout_bits_per_byte": per_byte / float(np.log(2)),
+                    "bytes_per_token": d["n_bytes"][True] / len(d["held"]), "n_heldout_windows": int(len(windows))}
         return {"heldout_loss": loss, "heldout_bits_per_byte": loss / float(np.log(2)), "n_heldout_windows": int(len(windows))}
