@@ -66,4 +66,4 @@ def test_allocator_tuning_is_cli_only():
     assert keep_freed_memory() is sys.platform.startswith("linux")
     root = pathlib.Path(__file__).resolve().parents[1] / "bayesmanifold"
     callers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if "keep_freed_memory()" in p.read_text())
-    assert callers == ["commands/demo.py", "commands/reproduce.py"]
+    assert callers == ["commands/demo.py", "commands/reproduce.py", "commands/train.py"]

@@ -1,10 +1,12 @@
-"""Process-level tuning of the C allocator for the long CPU commands (``reproduce``, ``demo``).
+"""Process-level tuning of the C allocator for the long CPU commands (``reproduce``, ``demo``, ``train``).
 
 The EM-vs-SGD kernel allocates and frees megabyte-sized blocks thousands of times per second on
 worker threads. With glibc's defaults each freed block goes back to the kernel and the next one
 faults its pages in again (3.3 M minor page faults for 36 runs × 100 steps, 13 s of system time).
 Raising the mmap and trim thresholds keeps those pages in the process (81 k faults): 11.1 → 9.3 ms
 per model-step in that run, 454 → 445 s for the whole reproduction on the 2-core CPU machine.
+Training a small model is hit the same way: a 2-layer d_model-64 model on 32 × 256 BPE tokens
+took 1.24 s per step on one thread with the defaults and 0.50 s with the thresholds raised.
 Only the command-line commands apply it, in their own process; the library never calls it.
 """
 
