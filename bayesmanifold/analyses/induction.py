@@ -29,7 +29,8 @@ from ..hooks.access import model_access
 from ..hooks.batch import Batch
 from ..hooks.bundle import LayerBundle
 
-__all__ = ["InductionAccumulator", "InductionResult", "induction_scores", "repeated_random_tokens", "induction_targets"]
+__all__ = ["InductionAccumulator", "InductionResult", "induction_scores", "repeated_random_tokens", "induction_targets",
+           "ordinary_ids"]
 
 LABEL = "induction_target"
 _SUMS = ("n", "alpha", "n_prev", "prev", "force", "pos_force_target", "pos_force_all", "adv_positive")
@@ -184,7 +185,7 @@ class InductionResult:
         return ax
 
 
-def _ordinary_ids(access: Any) -> tuple[int, int]:
+def ordinary_ids(access: Any) -> tuple[int, int]:
     """The id range random probe tokens are drawn from: printable ASCII for a 256-id byte
     vocabulary without tokenizer; else every id but the tokenizer's special tokens at either end
     (a BPE checkpoint's ``<|endoftext|>`` = 0, GPT-2's = the last id)."""
@@ -231,7 +232,7 @@ def induction_scores(
         half = half or min(64, n_ctx // 2)
         if 2 * half > n_ctx:
             raise InputError(f"2 * half = {2 * half} exceeds the model's context n_ctx={n_ctx}")
-        lo, hi = _ordinary_ids(access)
+        lo, hi = ordinary_ids(access)
         g = torch.Generator().manual_seed(int(seed))
         tokens, auto = repeated_random_tokens(n_seqs, half, low=lo, high=hi, generator=g)
         targets = auto if targets is None else targets

@@ -1,8 +1,8 @@
 """Does the routing law predict where attention goes while induction heads form? (issue 15, item 3)
 
 Replays the weight snapshots of a real-text checkpoint (``stdlib-attn2``) on two fixed probes:
-``repeated`` — held-out repeated random sequences of printable ASCII (the induction target of the
-query at ``T + t`` is key ``t + 1``) — and ``code`` — windows of the held-out stdlib files (the
+``repeated`` — repeated random sequences (printable ASCII for a byte-level model, every ordinary
+token of a BPE model; the induction target of the query at ``T + t`` is key ``t + 1``) — and ``code`` — windows of the held-out stdlib files (the
 target is the key after the most recent earlier occurrence of the 3-gram ending at the query).
 At every snapshot t one capture pass (forward + backward, the next-token loss of the probe) gives
 per head the attention α and the routing force f = −∂L/∂s = αA (Paper II, arXiv 2512.22473, §3).
@@ -35,11 +35,13 @@ import torch
 from ..analyses.induction import (
     LABEL,
     InductionAccumulator,
+    ordinary_ids,
     induction_targets,
     repeated_random_tokens,
 )
 from ..analyses.stats import pearson
 from ..hooks import capture
+from ..hooks.access import model_access
 from ..hooks.batch import Batch
 from ..io import atomic_write_json, ensure_dir
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
@@ -69,10 +71,13 @@ class _Keep:
         return torch.stack([self.alpha[L] for L in layers], 1), torch.stack([self.force[L] for L in layers], 1)
 
 
-def probes(task: Any, *, n_seqs: int = 16, half: int = 48, seed: int = 0, min_match: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{"repeated": (tokens, targets), "code": (tokens, targets)}`` (fixed, seeded)."""
+def probes(task: Any, model: Any, *, n_seqs: int = 16, half: int = 48, seed: int = 0,
+           min_match: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"repeated": (tokens, targets), "code": (tokens, targets)}`` (fixed, seeded; the random
+    ids are those :func:`~bayesmanifold.analyses.induction_scores` draws for ``model``)."""
     g = torch.Generator().manual_seed(seed)
-    rep = repeated_random_tokens(n_seqs, half, low=32, high=127, generator=g)
+    low, high = ordinary_ids(model_access(model))
+    rep = repeated_random_tokens(n_seqs, half, low=low, high=high, generator=g)
     code = task.heldout_windows(n_seqs)
     return {"repeated": rep, "code": (code, induction_targets(code, min_match))}
 
@@ -187,7 +192,7 @@ def induction_dynamics(checkpoint: str, *, n_seqs: int = 16, half: int = 48, see
 
     model, task, cfg, history = load_checkpoint(checkpoint)
     snaps = [s for s, _ in list_snapshots(checkpoint)]
-    pr = probes(task, n_seqs=n_seqs, half=half, seed=seed)
+    pr = probes(task, model, n_seqs=n_seqs, half=half, seed=seed)
     snap_rows, int_rows, losses = [], [], {k: [] for k in pr}
     prev: dict[str, tuple] = {}
     for step in snaps:
@@ -246,7 +251,7 @@ def write_outputs(res: InductionDynamics, out: str | Path) -> dict[str, str]:
         tw = ax1.twinx()
         ks = sorted(res.heldout_loss)
         tw.plot(ks, [res.heldout_loss[k] for k in ks], color="k", lw=0.8, alpha=0.6)
-        tw.set_ylabel("held-out loss (nats/byte)", fontsize=8)
+        tw.set_ylabel("held-out loss (nats/token)", fontsize=8)
     fig.tight_layout()
     paths["scores"] = str(out / "induction_scores.png")
     fig.savefig(paths["scores"], dpi=130)

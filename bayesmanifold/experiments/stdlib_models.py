@@ -1,9 +1,10 @@
-"""The byte-level stdlib models (``stdlib-attn2``, ``stdlib-mlp2``): what ships in ``metrics.json``.
+"""The stdlib models (``stdlib-attn2``: BPE; ``stdlib-mlp2``: bytes): what ships in ``metrics.json``.
 
 :func:`checkpoint_metrics` measures a finished text checkpoint: its held-out loss (the training
 run's evaluation, ``n_eval`` windows, and a tiny 8-window evaluation the tests re-measure), the
 induction score of every head (:func:`bayesmanifold.analyses.induction_scores` on 16 repeated
-random printable-ASCII sequences of 2 × 48 bytes, seed 0) at every weight snapshot, and per head
+random sequences of 2 × 48 tokens, seed 0: printable ASCII for a byte-level model, every ordinary
+token of a BPE model) at every weight snapshot, and per head
 the step at which its score rose: the first snapshot whose score exceeds half of the head's
 maximum over training, for heads whose maximum reaches ``rise_min`` (default 0.2; else None).
 """
@@ -14,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..analyses.induction import induction_scores
+from ..analyses.induction import induction_scores, ordinary_ids
+from ..hooks.access import model_access
 from ..io import atomic_write_json
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots, load_snapshot
@@ -55,15 +57,19 @@ def checkpoint_metrics(checkpoint: str | Path, *, n_seqs: int = 16, half: int = 
                       "max_over_snapshots": float(per_snap[:, k].max()) if len(steps) else None,
                       "rise_step": rise_step(steps, per_snap[:, k], rise_min) if len(steps) else None})
     corpus = Path(resolve_checkpoint(checkpoint)) / "corpus.json"
+    lo, hi = ordinary_ids(model_access(model))
+    alphabet = "printable ASCII 32..126" if (lo, hi) == (32, 127) else f"token ids {lo}..{hi - 1}"
+    per_byte = {k: full[k] for k in ("heldout_loss_per_byte", "bytes_per_token") if k in full}
     return {
         "kind": "text",
         "heldout_loss": full["heldout_loss"],
         "heldout_bits_per_byte": full["heldout_bits_per_byte"],
+        **per_byte,
         "n_heldout_windows": full["n_heldout_windows"],
         "heldout_loss_tiny": tiny["heldout_loss"],
         "n_tiny_windows": tiny["n_heldout_windows"],
         "corpus_sha256": json.loads(corpus.read_text())["sha256"] if corpus.is_file() else None,
-        "induction_probe": {"n_seqs": n_seqs, "half": half, "seed": seed, "alphabet": "printable ASCII 32..126",
+        "induction_probe": {"n_seqs": n_seqs, "half": half, "seed": seed, "alphabet": alphabet,
                             "rise_rule": f"first snapshot above half the head's maximum, if the maximum >= {rise_min}"},
         "heads": heads,
         "induction_tiny": {"n_seqs": TINY_SEQS, "scores": [float(x) for x in tiny_ind.score]},

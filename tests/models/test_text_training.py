@@ -132,3 +132,59 @@ def test_configs_with_the_former_rotary_flag_still_load():
     assert ModelSpec.from_dict(plain).positional == "standard"
     with pytest.raises(ConfigError, match="unknown ModelSpec fields"):
         ModelSpec.from_dict(d | {"rotary": True})  # both: ambiguous, refused
+
+
+def test_bpe_text_task():
+    """A BPE vocabulary learned from the training files: ids in range, <|endoftext|> between
+    files, the held-out files decode back to their text, configs without BPE stay as they were."""
+    from bayesmanifold.windtunnels.bpe import EOT
+    from bayesmanifold.windtunnels.text_corpus import _root
+
+    task = TextCorpusTask(seq_len=32, max_files=8, bpe_vocab=300)
+    assert task.d_vocab == 300 and task.to_dict()["bpe_vocab"] == 300 and task_from_dict(task.to_dict()) == task
+    assert "bpe_vocab" not in TextCorpusTask(seq_len=32, max_files=8).to_dict()
+    d = task._data()
+    tok = d["tokenizer"]
+    assert tok.get_vocab_size() == 300 and tok.token_to_id(EOT) == 0
+    desc = task.describe()
+    assert desc["tokenization"].startswith("byte-level BPE, 300 tokens")
+    assert (d["train"] == 0).sum() == len(desc["train_files"]) and (d["held"] == 0).sum() == len(desc["heldout_files"])
+    held_text = (_root("stdlib") / desc["heldout_files"][0]).read_text(encoding="utf-8")
+    assert tok.decode(d["held"][:-1].tolist()) == held_text  # one held-out file, then <|endoftext|>
+    assert desc["n_heldout_tokens"] < desc["n_heldout_bytes"]  # merges shorten the stream
+    b = task.sample(4, generator=0)
+    assert b.tokens.shape == (4, 32) and 0 <= int(b.tokens.min()) and int(b.tokens.max()) < 300
+    for bad in (1, 100, 257):
+        with pytest.raises(TaskError, match="bpe_vocab"):
+            TextCorpusTask(bpe_vocab=bad)
+
+
+def test_train_text_bpe_end_to_end(tmp_path, capsys):
+    """A BPE text checkpoint saves its tokenizer; the loaded model and its snapshots read text with
+    it (prompts, token strings), and the held-out loss re-measures."""
+    from bayesmanifold.analyses import induction_scores
+    from bayesmanifold.analyses.routing_maps import prompt_tokens, token_strings
+    from bayesmanifold.models.snapshots import load_snapshot
+
+    out = tmp_path / "run"
+    argv = ["train", "text", "--param", "max_files=8", "--param", "seq_len=32", "--param", "bpe_vocab=300",
+            "--preset", "stdlib-attn2", "--steps", "8", "--batch-size", "4", "--eval-every", "4", "--n-eval", "4",
+            "--snapshots", "3", "--no-progress", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((out / "corpus.json").read_text())["tokenization"].startswith("byte-level BPE")
+    model, task, cfg, hist = load_checkpoint(out)
+    assert cfg["model"]["d_vocab"] == 300 and model.tokenizer is not None
+    text = "def f(self):\n    return self.x\n"
+    ids = prompt_tokens(model, text)[0].tolist()
+    assert ids == task._data()["tokenizer"].encode(text).ids  # no BOS: the model was trained without one
+    assert "".join(token_strings(model, ids)) == text
+    step = list_snapshots(out)[0][0]
+    assert load_snapshot(out, step).tokenizer is not None
+    assert task.evaluate(model, n=4)["heldout_loss"] == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
+    from bayesmanifold.analyses.induction import ordinary_ids
+    from bayesmanifold.hooks.access import model_access
+
+    assert ordinary_ids(model_access(model)) == (1, 300)  # random probe ids: never <|endoftext|> (id 0)
+    assert induction_scores(model, n_seqs=2, half=8).score.shape == (8,)
