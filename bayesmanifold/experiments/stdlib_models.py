@@ -21,7 +21,7 @@ from ..io import atomic_write_json
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots, load_snapshot
 
-__all__ = ["checkpoint_metrics", "write_metrics", "rise_step", "TINY_WINDOWS", "TINY_SEQS"]
+__all__ = ["checkpoint_metrics", "write_metrics", "rise_step", "plot_loss_curves", "TINY_WINDOWS", "TINY_SEQS"]
 
 TINY_WINDOWS = 8  # held-out windows of the tiny evaluation the tests repeat
 TINY_SEQS = 4  # repeated sequences of the tiny induction measurement the tests repeat
@@ -84,3 +84,34 @@ def write_metrics(checkpoint: str | Path, **kwargs: Any) -> dict[str, Any]:
     m = checkpoint_metrics(checkpoint, **kwargs)
     atomic_write_json(Path(resolve_checkpoint(checkpoint)) / "metrics.json", m)
     return m
+
+
+def plot_loss_curves(checkpoints: list[str | Path], out: str | Path) -> Path:
+    """One figure of the training loss (thin) and held-out loss (points) of text checkpoints, in
+    nats per token of each model's own vocabulary and, on the right, per byte; written atomically."""
+    from matplotlib.figure import Figure
+
+    from ..io import atomic_write
+
+    fig = Figure(figsize=(10, 3.4))
+    ax_tok, ax_byte = fig.subplots(1, 2)
+    for ck in checkpoints:
+        d = Path(resolve_checkpoint(ck))
+        hist = json.loads((d / "history.json").read_text(encoding="utf-8"))
+        corpus = json.loads((d / "corpus.json").read_text(encoding="utf-8")) if (d / "corpus.json").is_file() else {}
+        bpt = corpus.get("n_heldout_bytes", 1) / corpus.get("n_heldout_tokens", corpus.get("n_heldout_bytes", 1))
+        name = Path(ck).name
+        loss = np.array(hist["loss"], dtype=float)
+        ev = [(e["step"], e["heldout_loss"]) for e in hist["eval"] if "heldout_loss" in e]
+        for ax, scale in ((ax_tok, 1.0), (ax_byte, 1.0 / bpt)):
+            (line,) = ax.plot(loss[:, 0], loss[:, 1] * scale, lw=0.6, alpha=0.5)
+            if ev:
+                ax.plot([s for s, _ in ev], [v * scale for _, v in ev], "o-", ms=3, color=line.get_color(),
+                        label=f"{name} (held out)")
+    for ax, unit in ((ax_tok, "nats per token"), (ax_byte, "nats per byte (held-out bytes/token)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
