@@ -228,6 +228,7 @@ class RoutingLawCheck:
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         zero = Zeroer(b, mask)
         q_real = None if zero.fast else b.query_valid[:, None, :].to(alpha.dtype)
+        law_h = u_h.new_zeros(*alpha.shape[:2], v_h.shape[2], u_h.shape[3])  # Σ_i α_ij u_i [batch, head, key, d]
         for hs, qs, ks in tiles(alpha, b.valid):
             a, zm = alpha[:, hs, qs, ks], zero.tile(qs, ks, alpha.dtype)
             g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
@@ -246,12 +247,12 @@ class RoutingLawCheck:
             deficit = (dev if q_real is None else dev.mul_(q_real[:, :, qs])).amax((0, 2))
             acc.add(hs, res_s=res_s, max_s=max_s, res_p=res_p, max_p=max_p, rowsum=rowsum, row_scale=row_scale,
                     deficit=deficit)
+            # ∂L/∂v_j = Σ_i α_ij u_i: the tiles cover every key a query may see (α = 0 elsewhere)
+            law_h[:, hs, ks] += torch.matmul(a.transpose(-1, -2), u_h[:, hs, qs])
             del compat, tmp
         cat = acc.v
-        # ∂L/∂v_j = Σ_i α_ij u_i per query head, summed over each kv head's group.
-        law_vq = torch.einsum("bhqk,bqhd->bkhd", alpha, u)
-        kv = torch.tensor(b.kv_heads, device=law_vq.device)
-        law_v = law_vq.new_zeros(b.grad_values.shape).index_add_(2, kv, law_vq)
+        kv = torch.tensor(b.kv_heads, device=law_h.device)  # per query head, summed over each kv head's group
+        law_v = law_h.new_zeros(b.grad_values.shape).index_add_(2, kv, law_h.transpose(1, 2))
         res_v_kv = law_v.sub_(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()
         max_v_kv = b.grad_values.abs().amax(dim=(0, 1, 3)).double()
         complete = torch.tensor(b.group_complete, dtype=torch.float64)
