@@ -28,8 +28,10 @@ def demo_config(
     quick: bool = False,
     progress: bool = True,
 ) -> ReportConfig:
-    """The demo's report settings: ``checkpoint`` with the EM-vs-SGD experiment."""
-    return ReportConfig(target=checkpoint, out=out, device=device, seed=seed, quick=quick, em_vs_sgd=True, progress=progress)
+    """The demo's report settings: ``checkpoint`` with the EM-vs-SGD experiment and the recorded
+    induction-head dynamics of the real-text model."""
+    return ReportConfig(target=checkpoint, out=out, device=device, seed=seed, quick=quick, em_vs_sgd=True,
+                        induction=True, progress=progress)
 
 
 def run_demo(**kwargs: Any) -> tuple[Path, dict[str, Any]]:

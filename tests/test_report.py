@@ -139,7 +139,9 @@ def test_demo_quick_on_shipped_checkpoint(tmp_path):
     assert "(6 of 9 checks)" in (out / "index.html").read_text()
     assert sorted(p.stem for p in out.glob("*.png")) == sorted([
         "routing_law", "advantage", "one_step", "calibration", "key_orthogonality", "value_manifold",
-        "attention_entropy", "specialization", "dynamics", "em_vs_sgd"])
+        "attention_entropy", "specialization", "dynamics", "em_vs_sgd", "induction"])
+    # the recorded induction replay of stdlib-attn2, its final scores re-measured live
+    assert summary["induction"]["live_vs_recorded_max_abs"] < 1e-4
 
 
 def test_interrupted_report_leaves_previous_one(tmp_path, monkeypatch):

@@ -146,6 +146,14 @@ class InductionDynamics:
                 "heldout_loss": {str(k): v for k, v in self.heldout_loss.items()}, "dynamics": self.dynamics,
                 "phase_summary": self.phase_summary(), "snapshots": self.snapshots, "intervals": self.intervals}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InductionDynamics":
+        """Inverse of :meth:`to_dict` (e.g. a recorded ``induction_dynamics.json``)."""
+        return cls(checkpoint=d["checkpoint"], steps=list(d["steps"]), snapshots=list(d["snapshots"]),
+                   intervals=list(d["intervals"]), induction_head=tuple(d["induction_head"]),
+                   rise_start=d["rise_start"], rise_end=d["rise_end"], losses=dict(d["losses"]),
+                   heldout_loss={int(k): float(v) for k, v in d["heldout_loss"].items()}, dynamics=dict(d.get("dynamics", {})))
+
     def phase_summary(self) -> list[dict[str, Any]]:
         """Mean interval metrics per probe, phase and group (the induction head vs the other heads)."""
         df = self.to_dataframe()

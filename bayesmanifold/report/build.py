@@ -58,6 +58,8 @@ class ReportConfig:
         task: a wind tunnel for a model that is not a checkpoint.
         prompts: a text file of prompts (Paper III's protocol) for a pretrained model.
         em_vs_sgd: also run Paper II's EM-like vs SGD experiment with its controls.
+        induction: also show the recorded induction-head dynamics of the real-text model
+            ``stdlib-attn2``, with its final induction scores re-measured live.
         progress: show a progress bar.
     """
 
@@ -69,6 +71,7 @@ class ReportConfig:
     task: str | None = None
     prompts: str | None = None
     em_vs_sgd: bool = False
+    induction: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -115,7 +118,7 @@ def build_report(config: ReportConfig) -> tuple[Path, dict[str, Any]]:
     summary: dict[str, Any] = {"target": str(config.target), "quick": config.quick, "seed": config.seed}
     sections: list[Section] = []
     timings: dict[str, float] = {}
-    n_stages = 4 + int(config.em_vs_sgd)
+    n_stages = 4 + int(config.em_vs_sgd) + int(config.induction)
     t0 = time.perf_counter()
     target = _load(config)  # before the progress bar: a target that cannot be loaded is one line on stderr
     summary.update(_describe(target))
@@ -146,6 +149,9 @@ def build_report(config: ReportConfig) -> tuple[Path, dict[str, Any]]:
         if config.em_vs_sgd:
             with stage("EM vs SGD"):
                 add(em_vs_sgd(quick=config.quick))
+        if config.induction:
+            with stage("induction heads"):
+                add(induction_heads())
     summary["stage_seconds"] = timings
     findings = judge_claims(summary)
     summary["claims"] = [asdict(f) for f in findings]
@@ -300,6 +306,45 @@ def em_vs_sgd(*, quick: bool) -> Stage:
     how = EM_HOW + EM_RECORDED_HOW.format(command=recorded.get("command", "bayesmanifold reproduce em-vs-sgd"))
     return numbers, [section(live_title, how, figure=_fig(res), name="em_vs_sgd", table=table),
                      _titled("em_vs_sgd_recorded", table=pd.DataFrame(rows))]
+
+
+#: the real-text model whose recorded induction dynamics the report shows
+INDUCTION_CHECKPOINT = "stdlib-attn2"
+
+
+def induction_heads() -> Stage:
+    """The recorded induction-head dynamics of ``stdlib-attn2`` (its snapshots replayed by
+    ``examples/induction_dynamics.py``), and its final induction scores re-measured live."""
+    import pandas as pd
+
+    from ..analyses import induction_scores
+    from ..experiments.induction_dynamics import InductionDynamics
+    from ..models.checkpoint import load_checkpoint
+
+    f = resources.files("bayesmanifold.experiments").joinpath("induction_recorded.json")
+    if not f.is_file():
+        return {}, []
+    rec = InductionDynamics.from_dict(json.loads(f.read_text(encoding="utf-8")))
+    final = {(r["layer"], r["head"]): r["score"] for r in rec.snapshots if r["step"] == rec.steps[-1] and r["probe"] == "repeated"}
+    live = induction_scores(load_checkpoint(INDUCTION_CHECKPOINT)[0], n_seqs=16, half=48, seed=0)
+    L, H = rec.induction_head
+    k = live.heads.index((L, H))
+    numbers = {"induction": {
+        "checkpoint": INDUCTION_CHECKPOINT, "induction_head": [L, H], "score_live": float(live.score[k]),
+        "score_recorded": float(final[(L, H)]), "rise_start": rec.rise_start, "rise_end": rec.rise_end,
+        "live_vs_recorded_max_abs": max(abs(float(s) - final[h]) for s, h in zip(live.score, live.heads)),
+        "phase_summary": rec.phase_summary(), "dynamics": rec.dynamics}}
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    rec.plot(ax1, "repeated")
+    rec.plot(ax2, "code")
+    ax1.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    table = pd.DataFrame(rec.phase_summary())[["probe", "phase", "group", "r_force", "r_pred", "sign_agree",
+                                                "gain_share_target", "n_intervals"]]
+    return numbers, [_titled("induction", figure=fig, table=table)]
 
 
 def recorded_em_vs_sgd() -> dict[str, Any] | None:

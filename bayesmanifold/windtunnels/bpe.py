@@ -56,12 +56,14 @@ def tokenizer_description(tok: Any) -> str:
             f"trained on the training files; {EOT} (id 0) between files")
 
 
-def save_tokenizer(tok: Any, directory: "str | Path", *, n_ctx: int) -> Path:
+def save_tokenizer(tok: Any, directory: "str | Path") -> Path:
     """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that HuggingFace's AutoTokenizer
-    reads (``<|endoftext|>`` as BOS, EOS and padding), each under a temporary name then renamed."""
+    reads (``<|endoftext|>`` as BOS, EOS and padding), each under a temporary name then renamed.
+    No ``model_max_length``: the commands check prompts against the model's n_ctx themselves, and
+    documents longer than the context are tokenised whole before a scan cuts them."""
     d = ensure_dir(directory)
     atomic_write_text(d / "tokenizer.json", tok.to_str())
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
-              "pad_token": EOT, "unk_token": None, "model_max_length": int(n_ctx), "add_prefix_space": False}
+              "pad_token": EOT, "unk_token": None, "add_prefix_space": False}
     atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2))
     return d

@@ -172,7 +172,7 @@ class TextCorpusTask(WindTunnel):
     def save_tokenizer(self, directory: "str | Path") -> "Path | None":
         """Write the BPE tokenizer (HuggingFace files) to ``directory``; None for a byte-level task."""
         tok = self._data()["tokenizer"] if self.bpe_vocab else None
-        return None if tok is None else save_tokenizer(tok, directory, n_ctx=self.seq_len)
+        return None if tok is None else save_tokenizer(tok, directory)
 
     # ------------------------------------------------------------------ WindTunnel interface
     @property
