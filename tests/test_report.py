@@ -135,8 +135,8 @@ def test_demo_quick_on_shipped_checkpoint(tmp_path):
     assert summary["calibration"]["entropy_mae_bits"] < 0.1
     assert "em_vs_sgd" in summary and "em_vs_sgd_recorded" in summary
     # the same checks as before the claims table: 6 of 9 held (the EM speed-up is reported only when quick)
-    assert [c["held"] for c in summary["claims"]] == [True, True, True, True, True, True, False, False, False, None, None]
-    assert "(6 of 9 checks)" in (out / "index.html").read_text()
+    assert [c["held"] for c in summary["claims"]] == [True, True, True, True, True, True, False, False, False, None, None, True]
+    assert "(7 of 10 checks)" in (out / "index.html").read_text()
     assert sorted(p.stem for p in out.glob("*.png")) == sorted([
         "routing_law", "advantage", "one_step", "calibration", "key_orthogonality", "value_manifold",
         "attention_entropy", "specialization", "dynamics", "em_vs_sgd", "induction"])

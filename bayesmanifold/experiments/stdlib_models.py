@@ -6,7 +6,11 @@ induction score of every head (:func:`bayesmanifold.analyses.induction_scores` o
 random sequences of 2 × 48 tokens, seed 0: printable ASCII for a byte-level model, every ordinary
 token of a BPE model) at every weight snapshot, and per head
 the step at which its score rose: the first snapshot whose score exceeds half of the head's
-maximum over training, for heads whose maximum reaches ``rise_min`` (default 0.2; else None).
+maximum over training, for heads whose maximum reaches ``rise_factor`` (default 10) times the
+probe's uniform level (else None). The uniform level is the score of a head that spreads its
+attention evenly over the keys it may see: the mean of 1/(half + t + 1) over the second-copy
+queries t = 0..half−1 (0.0144 for half = 48), so a head counted as an induction head puts at least
+ten times its even share on the one target key.
 """
 
 import json
@@ -21,7 +25,8 @@ from ..io import atomic_write_json
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots, load_snapshot
 
-__all__ = ["checkpoint_metrics", "write_metrics", "rise_step", "plot_loss_curves", "TINY_WINDOWS", "TINY_SEQS"]
+__all__ = ["checkpoint_metrics", "write_metrics", "rise_step", "uniform_level", "plot_loss_curves", "TINY_WINDOWS",
+           "TINY_SEQS"]
 
 TINY_WINDOWS = 8  # held-out windows of the tiny evaluation the tests repeat
 TINY_SEQS = 4  # repeated sequences of the tiny induction measurement the tests repeat
@@ -35,9 +40,15 @@ def rise_step(steps: list[int], scores: np.ndarray, rise_min: float = 0.2) -> in
     return int(next(s for s, v in zip(steps, scores) if v > 0.5 * top))
 
 
+def uniform_level(half: int) -> float:
+    """The induction score of even attention over the visible keys (see the module doc)."""
+    return float(np.mean([1.0 / (half + t + 1) for t in range(half)]))
+
+
 def checkpoint_metrics(checkpoint: str | Path, *, n_seqs: int = 16, half: int = 48, seed: int = 0,
-                       rise_min: float = 0.2) -> dict[str, Any]:
+                       rise_factor: float = 10.0) -> dict[str, Any]:
     """Held-out loss and induction scores (per snapshot) of a finished text checkpoint."""
+    rise_min = rise_factor * uniform_level(half)
     model, task, cfg, history = load_checkpoint(checkpoint)
     n_eval = int(cfg["train"]["n_eval"])
     full = task.evaluate(model, n=n_eval)
@@ -70,7 +81,9 @@ def checkpoint_metrics(checkpoint: str | Path, *, n_seqs: int = 16, half: int = 
         "n_tiny_windows": tiny["n_heldout_windows"],
         "corpus_sha256": json.loads(corpus.read_text())["sha256"] if corpus.is_file() else None,
         "induction_probe": {"n_seqs": n_seqs, "half": half, "seed": seed, "alphabet": alphabet,
-                            "rise_rule": f"first snapshot above half the head's maximum, if the maximum >= {rise_min}"},
+                            "uniform_level": uniform_level(half),
+                            "rise_rule": f"first snapshot above half the head's maximum, if the maximum >= {rise_factor:g} x "
+                                         f"the uniform level = {rise_min:.4f}"},
         "heads": heads,
         "induction_tiny": {"n_seqs": TINY_SEQS, "scores": [float(x) for x in tiny_ind.score]},
         "snapshot_steps": steps,
