@@ -223,8 +223,7 @@ class RoutingLawCheck:
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
         mask = entry_mask(b)
         dims = (0, 2, 3)
-        kinds = {k: "max" for k in ("res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "deficit")}
-        acc = PerHead(len(b.heads), kinds)
+        acc = PerHead(len(b.heads), {k: "max" for k in ("res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "deficit")})
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         zero = Zeroer(b, mask)
         q_real = None if zero.fast else b.query_valid[:, None, :].to(alpha.dtype)
