@@ -33,16 +33,27 @@ def test_map_writes_page_and_json(toy_map, capsys):
 
 
 def test_map_of_the_shipped_stdlib_model_by_name(tmp_path):
-    """A shipped checkpoint's bare name resolves (the README's command), in float64 exactly."""
+    """A shipped checkpoint's bare name resolves (the README's command) and its BPE tokenizer reads
+    the prompt; the map of its strongest induction head is exact in float64."""
     from pathlib import Path
 
+    from bayesmanifold.analyses.routing_maps import prompt_tokens
+    from bayesmanifold.models.checkpoint import load_checkpoint, shipped_dir
+
     prompt = Path(__file__).resolve().parents[1] / "docs" / "map_prompt.txt"
+    text = prompt.read_text(encoding="utf-8")
+    metrics = json.loads((shipped_dir() / "stdlib-attn2" / "metrics.json").read_text())
+    best = max(metrics["heads"], key=lambda h: h["induction_score"])
+    name = f"{best['layer']}.{best['head']}"
     out = tmp_path / "m.html"
-    rc = main(["map", "stdlib-attn2", "--prompt-file", str(prompt), "--heads", "0.3", "--dtype", "float64",
+    rc = main(["map", "stdlib-attn2", "--prompt-file", str(prompt), "--heads", name, "--dtype", "float64",
                "--out", str(out), "--json", str(tmp_path / "m.json")])
     assert rc == 0 and out.is_file()
     d = json.loads((tmp_path / "m.json").read_text())
-    assert d["token_ids"] == list(prompt.read_bytes()) and [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 3)]
+    model = load_checkpoint("stdlib-attn2")[0]
+    assert d["token_ids"] == prompt_tokens(model, text)[0].tolist() and "".join(d["tokens"]) == text
+    assert len(d["token_ids"]) < len(text.encode())  # BPE tokens, not bytes
+    assert [(h["layer"], h["head"]) for h in d["heads"]] == [(best["layer"], best["head"])]
     assert d["heads"][0]["law_residual"] < 1e-10
 
 
@@ -79,6 +90,9 @@ def test_map_page_draws_in_chromium(toy_map, tmp_path):
     picked = dump_dom(toy_map / "map.html", tmp_path / "profile", fragment="#1.2/pattern")
     assert 'data-drawn="1.2"' in picked  # the head named in the URL fragment, showing α (> 0 on every entry)
     assert f'data-nonzero="{n * (n + 1) // 2}"' in picked
+    assert 'data-scale="linear"' in picked
+    rooted = dump_dom(toy_map / "map.html", tmp_path / "profile", fragment="#1.1/force/sqrt")
+    assert 'data-drawn="1.1"' in rooted and 'data-scale="sqrt"' in rooted
     png = screenshot(toy_map / "map.html", tmp_path / "map.png", tmp_path / "profile")
     stats = png_colour_stats(png)
     assert stats["colours"] > 100 and stats["red"] > 500 and stats["blue"] > 500, stats

@@ -165,7 +165,7 @@ function draw(){const h=H[cur],mode=modeSel.value,a=h[mode],sq=sqBox.checked;con
   const st=document.getElementById('strip');st.innerHTML='';const pl=maxAbs(h.push);
   for(let j=0;j<n;j++){const s=document.createElement('span');const c=div(h.push[j],pl,false);s.style.background=`rgb(${c})`;
     s.textContent=tok[j];s.title=`key ${j} ${JSON.stringify(tok[j])}  push ${fmt(h.push[j])}  ‖Δv‖ ${fmt(h.vu[j])}`;st.appendChild(s);}
-  document.body.dataset.drawn=`${h.s.layer}.${h.s.head}`;document.body.dataset.cells=drawn;document.body.dataset.nonzero=nz;}
+  document.body.dataset.drawn=`${h.s.layer}.${h.s.head}`;document.body.dataset.scale=sq?'sqrt':'linear';document.body.dataset.cells=drawn;document.body.dataset.nonzero=nz;}
 function pick(k){cur=k;cells.forEach((d,i)=>d&&d.classList.toggle('sel',i===k));table();draw();}
 modeSel.onchange=draw;sqBox.onchange=draw;
 const tip=document.getElementById('tip');
@@ -176,10 +176,11 @@ cv.addEventListener('mousemove',e=>{const r=cv.getBoundingClientRect();const j=M
   tip.style.display='block';tip.style.left=(e.clientX+14)+'px';tip.style.top=(e.clientY+14)+'px';});
 cv.addEventListener('mouseleave',()=>{tip.style.display='none';});
 let best=0;H.forEach((h,i)=>{if(h.s.total_abs_force>H[best].s.total_abs_force)best=i;});
-// map.html#L.H or #L.H/pattern picks a head (and what to show); default: the largest total |force|
-const m=/^#(\d+)\.(\d+)(?:\/(\w+))?$/.exec(location.hash);
+// map.html#L.H, #L.H/pattern or #L.H/force/sqrt picks a head (what to show, the √ scale); default: the largest total |force|
+const m=/^#(\d+)\.(\d+)(?:\/(\w+))?(\/sqrt)?$/.exec(location.hash);
 if(m){const k=H.findIndex(h=>h.s.layer===+m[1]&&h.s.head===+m[2]);if(k>=0)best=k;
-  if(m[3]&&[...modeSel.options].some(o=>o.value===m[3]))modeSel.value=m[3];}
+  if(m[3]&&[...modeSel.options].some(o=>o.value===m[3]))modeSel.value=m[3];
+  if(m[4])sqBox.checked=true;}
 pick(best);
 })();
 </script>
