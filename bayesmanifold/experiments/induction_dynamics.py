@@ -164,6 +164,36 @@ class InductionDynamics:
         g["n_intervals"] = df.groupby(["probe", "phase", "group"]).size().values
         return [{k: (v if isinstance(v, str) else float(v)) for k, v in r.items()} for r in g.to_dict("records")]
 
+    def lead(self, probe: str = "code") -> list[dict[str, Any]]:
+        """Per snapshot, for the induction head: the share of targets with A > 0 (the force pushes
+        toward the target), the share of the positive force on the target key, and the attention
+        on it (the induction score): does the force point at the target before attention moves?"""
+        L, H = self.induction_head
+        return [{"step": r["step"], "targets_A_positive": r["frac_force_positive"],
+                 "force_share_target": r["force_share_target"], "alpha_on_target": r["score"]}
+                for r in self.snapshots if r["probe"] == probe and (r["layer"], r["head"]) == (L, H)]
+
+    def plot_lead(self, ax=None):
+        """:meth:`lead` on both probes over training (log step axis), the phase change shaded."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.6))
+        for probe, ls in (("repeated", "-"), ("code", "--")):
+            rows = [r for r in self.lead(probe) if r["step"] > 0]
+            st = [r["step"] for r in rows]
+            ax.plot(st, [r["force_share_target"] for r in rows], "o" + ls, ms=3, color="C3", label=f"{probe}: force share on target")
+            ax.plot(st, [r["alpha_on_target"] for r in rows], "s" + ls, ms=3, color="C0", label=f"{probe}: α on target")
+            ax.plot(st, [r["targets_A_positive"] - 0.5 for r in rows], "^" + ls, ms=3, color="C2", alpha=0.7,
+                    label=f"{probe}: (targets with A>0) − ½")
+        if self.rise_start is not None:
+            ax.axvspan(self.rise_start, self.rise_end, color="gold", alpha=0.25)
+        ax.set_xscale("log")
+        ax.set_xlabel("training step t")
+        ax.set_title("L{}H{}: where the force points at t".format(*self.induction_head), fontsize=9)
+        ax.legend(fontsize=6)
+        return ax
+
     def plot(self, ax=None, probe: str = "repeated"):
         """Induction score per head over training (log step axis), the phase change shaded."""
         import matplotlib.pyplot as plt
@@ -247,7 +277,7 @@ def write_outputs(res: InductionDynamics, out: str | Path) -> dict[str, str]:
 
     out = ensure_dir(out)
     paths = {}
-    df_s, df_i = res.to_dataframe("snapshots"), res.to_dataframe()
+    df_i = res.to_dataframe()
     L, H = res.induction_head
 
     fig = Figure(figsize=(11, 3.6))
@@ -266,21 +296,17 @@ def write_outputs(res: InductionDynamics, out: str | Path) -> dict[str, str]:
 
     fig = Figure(figsize=(11, 3.8))
     axs = fig.subplots(1, 3)
+    res.plot_lead(axs[0])
     for probe, ls in (("repeated", "-"), ("code", "--")):
-        d = df_s[(df_s.probe == probe) & (df_s.layer == L) & (df_s["head"] == H) & (df_s.step > 0)]
-        axs[0].plot(d.step, d.force_share_target, "o" + ls, ms=3, label=f"{probe}: force share on target")
-        axs[0].plot(d.step, d.score, "s" + ls, ms=3, alpha=0.6, label=f"{probe}: α on target")
         di = df_i[(df_i.probe == probe) & (df_i.layer == L) & (df_i["head"] == H) & (df_i.step > 0)]
         axs[1].plot(di.step, di.r_pred, "o" + ls, ms=3, label=f"{probe}: r(one-step forecast, Δα)")
         axs[1].plot(di.step, di.r_force, "^" + ls, ms=3, label=f"{probe}: r(force, Δα)")
         axs[1].plot(di.step, di.gain_share_target, "s" + ls, ms=3, alpha=0.6, label=f"{probe}: gain share on target")
-    for ax in axs[:2]:
-        ax.set_xscale("log")
-        ax.set_xlabel("training step t")
-        if res.rise_start is not None:
-            ax.axvspan(res.rise_start, res.rise_end, color="gold", alpha=0.25)
-        ax.legend(fontsize=6)
-    axs[0].set_title(f"L{L}H{H}: where the force points (t)", fontsize=9)
+    axs[1].set_xscale("log")
+    axs[1].set_xlabel("training step t")
+    if res.rise_start is not None:
+        axs[1].axvspan(res.rise_start, res.rise_end, color="gold", alpha=0.25)
+    axs[1].legend(fontsize=6)
     axs[1].set_title(f"L{L}H{H}: does it predict Δα (t → t+1)?", fontsize=9)
     d = df_i[(df_i.probe == "repeated") & (df_i.step > 0)]
     colors = {"before": "C0", "during": "C3", "after": "C2", "unknown": "C7"}

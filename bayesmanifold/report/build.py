@@ -333,13 +333,14 @@ def induction_heads() -> Stage:
         "checkpoint": INDUCTION_CHECKPOINT, "induction_head": [L, H], "score_live": float(live.score[k]),
         "score_recorded": float(final[(L, H)]), "rise_start": rec.rise_start, "rise_end": rec.rise_end,
         "live_vs_recorded_max_abs": max(abs(float(s) - final[h]) for s, h in zip(live.score, live.heads)),
-        "phase_summary": rec.phase_summary(), "dynamics": rec.dynamics}}
+        "phase_summary": rec.phase_summary(), "lead_code": rec.lead("code"), "dynamics": rec.dynamics}}
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 3.6))
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 3.6))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     rec.plot(ax1, "repeated")
     rec.plot(ax2, "code")
+    rec.plot_lead(ax3)
     ax1.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     table = pd.DataFrame(rec.phase_summary())[["probe", "phase", "group", "r_force", "r_pred", "sign_agree",

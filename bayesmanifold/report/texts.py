@@ -58,7 +58,10 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "Induction heads on real text (stdlib-attn2, recorded replay)",
         "Left: each head's induction score (attention from the second copy of a repeated random "
         "sequence to the token after the first occurrence) at every weight snapshot, the phase change "
-        "shaded; right: the same on held-out stdlib code (3-token matches). The table: per probe and "
+        "shaded; middle: the same on held-out stdlib code (3-token matches); right: for the induction head, "
+        "the share of targets whose advantage is positive (minus ½), the share of the positive routing force "
+        "that lands on the target key, and the attention on it — the force points at the target before the "
+        "attention moves there (summary.json: induction.lead_code). The table: per probe and "
         "phase, the correlation of the routing force −∂L/∂s = αA at snapshot t with the attention change "
         "Δα by snapshot t+1 (r_force; r_pred for the one-step softmax forecast), the |Δα|-weighted sign "
         "agreement, and the share of the attention gained that lands on the induction target. Recorded by "

@@ -34,6 +34,14 @@ def test_dynamics_tables_figures_and_json(tiny_run, tmp_path):
         assert (tmp_path / "fig").joinpath(paths[k].split("/")[-1]).stat().st_size > 1000
     d = json.loads((tmp_path / "fig" / "induction_dynamics.json").read_text())
     assert d["steps"] == [0, 1, 3, 8] and "phase_summary" in d
+    lead = res.lead("code")  # the induction head's row of each snapshot, as recorded
+    L, H = res.induction_head
+    mine = snaps[(snaps.probe == "code") & (snaps.layer == L) & (snaps["head"] == H)]
+    assert [r["step"] for r in lead] == res.steps
+    np.testing.assert_allclose([r["targets_A_positive"] for r in lead], mine.frac_force_positive)
+    np.testing.assert_allclose([r["alpha_on_target"] for r in lead], mine.score)
+    again = type(res).from_dict(d)  # the recorded JSON gives the same lead
+    assert again.lead("repeated") == res.lead("repeated")
 
 
 def test_checkpoint_metrics(tiny_run):
