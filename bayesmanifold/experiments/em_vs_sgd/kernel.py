@@ -78,10 +78,9 @@ def attention_forward_backward(
     g_O = torch.zeros_like(W_O)
     g_V = torch.zeros_like(W_V)
     C = X.new_zeros(B, d, d)
-    loss = X.new_zeros(B, dtype=torch.float64)
-    ent = X.new_zeros(B, dtype=torch.float64)
-    acc = X.new_zeros(B, dtype=torch.float64)
+    logits_all = X.new_empty(B, T, W_O.shape[-1])  # the per-position metrics are reduced once, after the loop
     neg = torch.full((tile, tile), float("-inf"), dtype=X.dtype, device=X.device).triu(1)
+    ones = torch.full((B, tile, 1), -1.0, dtype=X.dtype, device=X.device)
     rr = responsibility_rows
     resp_u = resp_mass = None
     if rr is not None and rr.numel():
@@ -96,14 +95,8 @@ def attention_forward_backward(
         del S
         AX = torch.bmm(A, X[:, :b])
         Z = torch.bmm(AX, W_V)
-        logits = torch.bmm(Z, W_O)
-        logp = torch.log_softmax(logits, -1)
-        yt = y[:, a:b, None]
-        loss -= logp.gather(2, yt).squeeze(-1).sum(1, dtype=torch.float64)
-        p = logp.exp()
-        ent -= (p * logp).sum((1, 2), dtype=torch.float64)
-        acc += (logits.argmax(-1) == yt[..., 0]).sum(1)
-        G = p.scatter_add_(2, yt, -torch.ones_like(logp[..., :1])).div_(T)
+        logits = torch.bmm(Z, W_O, out=logits_all[:, a:b])
+        G = torch.softmax(logits, -1).scatter_add_(2, y[:, a:b, None], ones[:, :n]).div_(T)  # (p − onehot(y)) / T
         GZ = torch.bmm(G, W_O.transpose(1, 2))  # u_i = ∂L/∂z_i
         g_O += torch.bmm(Z.transpose(1, 2), G)
         g_V += torch.bmm(AX.transpose(1, 2), GZ)
@@ -116,6 +109,10 @@ def attention_forward_backward(
             Am = A.index_select(0, rr)
             resp_u[:, :b] += torch.bmm(Am.transpose(1, 2), GZ.index_select(0, rr))
             resp_mass[:, :b] += Am.sum(1)
+    logp_all = torch.log_softmax(logits_all, -1)
+    loss = -logp_all.gather(2, y[..., None]).squeeze(-1).sum(1, dtype=torch.float64)
+    ent = -(logp_all.exp() * logp_all).sum((1, 2), dtype=torch.float64)
+    acc = (logits_all.argmax(-1) == y).sum(1, dtype=torch.float64)
     g_Q = torch.bmm(C, W_K) / scale
     g_K = torch.bmm(C.transpose(1, 2), W_Q) / scale
     return _Pass(loss / T, ent / T, acc / T, (g_Q, g_K, g_V, g_O), resp_u, resp_mass)
