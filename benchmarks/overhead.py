@@ -21,7 +21,11 @@ it is ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/overhead.py [--reps 3] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+    python benchmarks/overhead.py [--reps 3] [--rounds 1] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+
+``--rounds R`` runs every mode's process R times, in turn, and reports the median of each ratio
+over the rounds (with the range of the time ratio): on a shared machine one floor process can
+be 15 % slower than the next.
 
 A size with ``seq`` > 1024 uses the long-context model. ``--skip-naive`` leaves out the
 TransformerLens-alone mode (at 1 x 4096 it holds every layer's four N x N tensors and their gradients).
@@ -153,9 +157,38 @@ def _measure(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _row(batch: int, seq: int, m: dict) -> dict:
+    """The ratios of one round: capture against the floor and against plain fwd+bwd (and naive)."""
+    p, f, c = m["plain"], m["floor"], m["capture"]
+    row = {
+        "batch": batch,
+        "seq": seq,
+        "floor_time_s": f["time"],
+        "floor_excess_bytes": float(f["peak"] - f["base"]),
+        "floor_time_ratio": c["time"] / f["time"],
+        "floor_excess_memory_ratio": (c["peak"] - c["base"]) / (f["peak"] - f["base"]),
+        "plain_time_s": p["time"],
+        "time_ratio": c["time"] / p["time"],
+        "peak_memory_ratio": c["peak"] / p["peak"],
+        "excess_memory_ratio": (c["peak"] - c["base"]) / (p["peak"] - p["base"]),
+        "plain_peak_bytes": float(p["peak"]),
+    }
+    if "naive" in m:
+        n = m["naive"]
+        row.update(
+            naive_time_ratio=n["time"] / p["time"],
+            naive_peak_memory_ratio=n["peak"] / p["peak"],
+            naive_excess_memory_ratio=(n["peak"] - n["base"]) / (p["peak"] - p["base"]),
+            naive_floor_time_ratio=n["time"] / f["time"],
+            naive_floor_excess_memory_ratio=(n["peak"] - n["base"]) / (f["peak"] - f["base"]),
+        )
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run every mode's process this many times, in turn; report medians")
     ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
     ap.add_argument("--device", default="cpu")
@@ -170,47 +203,35 @@ def main(argv=None) -> int:
     results = []
     for batch, seq in sizes:
         modes = ("floor", "plain", "capture") + (() if args.skip_naive else ("naive",))
-        m = {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in modes}
-        p, f, c = m["plain"], m["floor"], m["capture"]
-        row = {
-            "batch": batch,
-            "seq": seq,
-            "floor_time_s": f["time"],
-            "floor_excess_bytes": f["peak"] - f["base"],
-            "floor_time_ratio": c["time"] / f["time"],
-            "floor_excess_memory_ratio": (c["peak"] - c["base"]) / (f["peak"] - f["base"]),
-            "plain_time_s": p["time"],
-            "time_ratio": m["capture"]["time"] / p["time"],
-            "peak_memory_ratio": m["capture"]["peak"] / p["peak"],
-            "excess_memory_ratio": (m["capture"]["peak"] - m["capture"]["base"]) / (p["peak"] - p["base"]),
-            "plain_peak_bytes": p["peak"],
-        }
-        if "naive" in m:
-            n = m["naive"]
-            row.update(
-                naive_time_ratio=n["time"] / p["time"],
-                naive_peak_memory_ratio=n["peak"] / p["peak"],
-                naive_excess_memory_ratio=(n["peak"] - n["base"]) / (p["peak"] - p["base"]),
-                naive_floor_time_ratio=n["time"] / f["time"],
-                naive_floor_excess_memory_ratio=(n["peak"] - n["base"]) / (f["peak"] - f["base"]),
-            )
+        # each round runs every mode once, in turn, each in its own process: drift of the machine
+        # (other load, frequency) then falls on every mode alike, and the median over rounds of
+        # each ratio is reported with its range
+        rounds = [_row(batch, seq, {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in modes})
+                  for _ in range(args.rounds)]
+        row = {k: (statistics.median(r[k] for r in rounds) if isinstance(v, float) else v) for k, v in rounds[0].items()}
+        if args.rounds > 1:
+            row["rounds"] = rounds
         results.append(row)
         naive = (
             f" | naive TL ×{row['naive_floor_time_ratio']:.3f} time, ×{row['naive_floor_excess_memory_ratio']:.3f} excess"
-            if "naive" in m
+            if "naive_floor_time_ratio" in row
             else ""
         )
+        spread = ""
+        if args.rounds > 1:
+            tr = [r["floor_time_ratio"] for r in rounds]
+            spread = f" (median of {args.rounds} rounds; time ratio from ×{min(tr):.3f} to ×{max(tr):.3f})"
         print(
-            f"batch {batch:>2} seq {seq:>5}: floor {f['time']:.2f} s, excess {row['floor_excess_bytes'] / 2**30:.2f} GiB | "
+            f"batch {batch:>2} seq {seq:>5}: floor {row['floor_time_s']:.2f} s, excess {row['floor_excess_bytes'] / 2**30:.2f} GiB | "
             f"capture+stats vs floor: time ×{row['floor_time_ratio']:.3f}, excess memory "
-            f"×{row['floor_excess_memory_ratio']:.3f} | vs plain fwd+bwd ({p['time']:.2f} s): time "
-            f"×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f}{naive}",
+            f"×{row['floor_excess_memory_ratio']:.3f} | vs plain fwd+bwd ({row['plain_time_s']:.2f} s): time "
+            f"×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f}{naive}{spread}",
             flush=True,
         )
     if args.json:
         from bayesmanifold.io import atomic_write_json
 
-        atomic_write_json(args.json, {"device": args.device, "reps": args.reps, "sizes": results})
+        atomic_write_json(args.json, {"device": args.device, "reps": args.reps, "rounds": args.rounds, "sizes": results})
     return 0
 
 
