@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=seed, default=None, metavar="S",
                    help="one shared sequence from seed S (default: each seed samples its own, as the released script)")
     p.add_argument("--threads", type=at_least(1), default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     deep = None
     if args.deep:
         deep = DeepConfig(steps=args.deep_steps, device=args.device, stickiness=args.stickiness)
-    quiet = os.environ.get("BAYESMANIFOLD_QUIET") == "1"
+    quiet = args.no_progress or os.environ.get("BAYESMANIFOLD_QUIET") == "1"
 
     def progress(msg: str) -> None:
         if not quiet:

@@ -107,12 +107,12 @@ def test_em_like_beats_sgd_at_200_steps():
     assert set(df.method) == {"sgd", "em_like"} and len(df) == 4
 
 
-def test_cli_json_has_every_field(tmp_path, monkeypatch):
-    monkeypatch.setenv("BAYESMANIFOLD_QUIET", "1")
+def test_cli_json_has_every_field(tmp_path, capsys):
     out = tmp_path / "out.json"
-    rc = main(["reproduce", "em-vs-sgd", "--seeds", "2", "--steps", "12", "--no-probes",
+    rc = main(["reproduce", "em-vs-sgd", "--seeds", "2", "--steps", "12", "--no-probes", "--no-progress",
                "--out", str(tmp_path / "figs"), "--json", str(out)])
     assert rc == 0
+    assert "[reproduce]" not in capsys.readouterr().err  # --no-progress: no progress lines
     d = json.loads(out.read_text())
     for k in ("h_min_nats", "h_min_bits", "sgd", "em_like", "steps_to_sgd_final_mean", "speedup", "p_value", "controls"):
         assert k in d, k
