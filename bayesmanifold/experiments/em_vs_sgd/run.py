@@ -92,11 +92,6 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
         for s in config.seeds:
             rows.setdefault(name, []).append(len(specs))
             specs.append(RunSpec(name, s, dkey(s, literal), kind, tuple(lrs), m))
-    tune_rows = []
-    if config.controls:
-        for a in config.adam_lrs:
-            tune_rows.append(len(specs))
-            specs.append(RunSpec(f"adam_tune_{a:g}", config.tune_seed, dkey(config.tune_seed), "adam", (a,) * 4))
     data: dict[tuple[int, bool], StickyChainData] = {}
 
     def sample(key: tuple[int, bool]) -> StickyChainData:
@@ -107,15 +102,36 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     def test_data(sp: RunSpec) -> StickyChainData:
         return sample((sp.data_key[0] + TEST_OFFSET, sp.data_key[1]))
 
+    par = {"tile": config.tile, "chunk": config.batch_chunk, "workers": workers}
+    adam_grid: dict[float, float] = {}
+    adam_lr = None
+    model_steps, train_wall = 0, 0.0
+    if config.controls:
+        # Adam's lr is tuned first, so that its runs on the seeds join the main batch (a batch of
+        # only five rows would leave a core idle); tuned on held-out loss, since the training loss
+        # rewards memorising the one training sequence
+        tspecs = [RunSpec(f"adam_tune_{a:g}", config.tune_seed, dkey(config.tune_seed), "adam", (a,) * 4)
+                  for a in config.adam_lrs]
+        for sp in tspecs:
+            sample(sp.data_key)
+        say(f"tuning Adam's lr on seed {config.tune_seed}: {len(tspecs)} runs × {config.steps} steps")
+        tout = train_runs(tspecs, data, steps=config.steps, device=device, **par)
+        ttest = evaluate_runs(tout.weights, [test_data(sp) for sp in tspecs], **par)
+        model_steps, train_wall = tout.model_steps, tout.wall_s
+        adam_grid = {a: float(ttest[0][i]) for i, a in enumerate(config.adam_lrs)}
+        adam_lr = min(adam_grid, key=lambda k: (adam_grid[k], k))
+        say(f"Adam lr tuned on seed {config.tune_seed}: {adam_lr:g}")
+        for s in config.seeds:
+            rows.setdefault("adam", []).append(len(specs))
+            specs.append(RunSpec("adam", s, dkey(s), "adam", (adam_lr,) * 4))
     for sp in specs:
         sample(sp.data_key)
     ckpts = checkpoint_steps(config.steps, config.n_checkpoints) if config.probes else []
     snap_rows = [rows["sgd"][0], rows["em_like"][0]] if config.probes else []
     say(f"training {len(specs)} runs × {config.steps} steps as one batch")
-    par = {"tile": config.tile, "chunk": config.batch_chunk, "workers": workers}
     out = train_runs(specs, data, steps=config.steps, device=device, **par,
                      snapshot_rows=snap_rows, snapshot_steps=ckpts, progress=say)
-    model_steps, train_wall = out.model_steps, out.wall_s
+    model_steps, train_wall = model_steps + out.model_steps, train_wall + out.wall_s
     test = evaluate_runs(out.weights, [test_data(sp) for sp in specs], **par)
     h_min = chain.h_min_nats
     h_lit = chain_lit.h_min_nats
@@ -127,21 +143,10 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
         for name, desc, *_ in groups:
             if name.endswith("_s0.3"):
                 methods[name] = method_result(name, desc, specs, out, rows[name], thr_lit, h_lit, config.steps, test)
-    adam_grid: dict[float, float] = {}
-    adam_lr = None
     if config.controls:
-        # tuned on held-out loss: the training loss rewards memorising the one training sequence
-        adam_grid = {a: float(test[0][r]) for a, r in zip(config.adam_lrs, tune_rows)}
-        adam_lr = min(adam_grid, key=lambda k: (adam_grid[k], k))
-        say(f"Adam lr tuned on seed {config.tune_seed}: {adam_lr:g}; training Adam on the seeds")
-        aspecs = [RunSpec("adam", s, dkey(s), "adam", (adam_lr,) * 4) for s in config.seeds]
-        aout = train_runs(aspecs, data, steps=config.steps, device=device, **par)
-        model_steps += aout.model_steps
-        train_wall += aout.wall_s
-        atest = evaluate_runs(aout.weights, [test_data(sp) for sp in aspecs], **par)
         methods["adam"] = method_result(
             "adam", f"Adam (0.9, 0.999), lr {adam_lr:g} tuned by held-out loss on seed {config.tune_seed} "
-            f"over {list(config.adam_lrs)}", aspecs, aout, list(range(len(aspecs))), thr, h_min, config.steps, atest)
+            f"over {list(config.adam_lrs)}", specs, out, rows["adam"], thr, h_min, config.steps, test)
     sgd, em = methods.pop("sgd"), methods.pop("em_like")
     order = ["sgd_lr0.1", "adam", "m_step", "sgd_s0.3", "em_like_s0.3"]
     controls = {k: methods[k] for k in order if k in methods}
