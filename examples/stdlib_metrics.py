@@ -13,7 +13,11 @@ Run:
 import argparse
 import json
 
-from bayesmanifold.experiments.stdlib_models import checkpoint_metrics, plot_loss_curves, write_metrics
+from bayesmanifold.experiments.stdlib_models import (
+    checkpoint_metrics,
+    plot_loss_curves,
+    write_metrics,
+)
 
 
 def main(argv=None) -> dict:

@@ -35,8 +35,8 @@ import torch
 from ..analyses.induction import (
     LABEL,
     InductionAccumulator,
-    ordinary_ids,
     induction_targets,
+    ordinary_ids,
     repeated_random_tokens,
 )
 from ..analyses.stats import pearson

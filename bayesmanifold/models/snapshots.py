@@ -17,7 +17,13 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import atomic_torch_save, ensure_dir
-from .checkpoint import SNAPSHOTS, checkpoint_tokenizer, load_weights, read_config, resolve_checkpoint
+from .checkpoint import (
+    SNAPSHOTS,
+    checkpoint_tokenizer,
+    load_weights,
+    read_config,
+    resolve_checkpoint,
+)
 from .presets import ModelSpec, build_model, move_model
 
 __all__ = ["save_snapshot", "list_snapshots", "load_snapshot", "carry_snapshots", "parent_lineage"]
