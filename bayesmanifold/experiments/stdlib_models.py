@@ -9,7 +9,7 @@ the step at which its score rose: the first snapshot whose score exceeds half of
 maximum over training, for heads whose maximum reaches ``rise_factor`` (default 10) times the
 probe's uniform level (else None). The uniform level is the score of a head that spreads its
 attention evenly over the keys it may see: the mean of 1/(half + t + 1) over the second-copy
-queries t = 0..half−1 (0.0144 for half = 48), so a head counted as an induction head puts at least
+queries t = 0..half−1 (0.0143 for half = 48), so a head counted as an induction head puts at least
 ten times its even share on the one target key.
 """
 

@@ -109,7 +109,7 @@ def test_shipped_text_checkpoints_remeasure(name):
     probe = metrics["induction_probe"]
     tiny = induction_scores(model, n_seqs=metrics["induction_tiny"]["n_seqs"], half=probe["half"], seed=probe["seed"])
     np.testing.assert_allclose(tiny.score, metrics["induction_tiny"]["scores"], rtol=1e-4, atol=1e-6)
-    if name == "stdlib-attn2":  # BPE: induction heads formed in layer 1, fed by a previous-token head in layer 0
+    if name == "stdlib-attn2":  # BPE: induction heads formed in layer 1, and a previous-token head in layer 0
         uniform = probe["uniform_level"]
         ind = [h for h in metrics["heads"] if h["layer"] == 1 and h["induction_score"] >= 10 * uniform]
         assert ind and all(h["rise_step"] is not None and 0 < h["rise_step"] < cfg["step"] for h in ind)

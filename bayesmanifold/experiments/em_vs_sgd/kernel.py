@@ -80,7 +80,7 @@ def attention_forward_backward(
     C = X.new_zeros(B, d, d)
     logits_all = X.new_empty(B, T, W_O.shape[-1])  # the per-position metrics are reduced once, after the loop
     neg = torch.full((tile, tile), float("-inf"), dtype=X.dtype, device=X.device).triu(1)
-    ones = torch.full((B, tile, 1), -1.0, dtype=X.dtype, device=X.device)
+    minus_one = torch.full((B, tile, 1), -1.0, dtype=X.dtype, device=X.device)
     rr = responsibility_rows
     resp_u = resp_mass = None
     if rr is not None and rr.numel():
@@ -96,7 +96,7 @@ def attention_forward_backward(
         AX = torch.bmm(A, X[:, :b])
         Z = torch.bmm(AX, W_V)
         logits = torch.bmm(Z, W_O, out=logits_all[:, a:b])
-        G = torch.softmax(logits, -1).scatter_add_(2, y[:, a:b, None], ones[:, :n]).div_(T)  # (p − onehot(y)) / T
+        G = torch.softmax(logits, -1).scatter_add_(2, y[:, a:b, None], minus_one[:, :n]).div_(T)  # (p − onehot(y)) / T
         GZ = torch.bmm(G, W_O.transpose(1, 2))  # u_i = ∂L/∂z_i
         g_O += torch.bmm(Z.transpose(1, 2), G)
         g_V += torch.bmm(AX.transpose(1, 2), GZ)
