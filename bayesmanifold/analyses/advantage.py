@@ -225,9 +225,10 @@ class AdvantageStats:
             tot = g.sum(-1)
             live = (tot > 0) & q_vb
             safe = torch.where(tot > 0, tot, 1)
-            # entropy of p = g / tot: log tot − Σ g log g / tot (g = 0 adds 0: log of a clamped g)
-            glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=aa).log_().mul_(g).sum(-1)
-            ent = safe.log() - glogg / safe
+            # entropy of p = g / tot: log tot − ln 2 · Σ g log2 g / tot (g = 0 adds 0: log of a
+            # clamped g; log2 costs about 60 % of log on CPU)
+            glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=aa).log2_().mul_(g).sum(-1)
+            ent = safe.log() - glogg * (math.log(2.0) / safe)
             vals.update(
                 n_routing_queries=live.sum((0, 2)),
                 sum_top1_share=f64_rows(torch.where(live, g.amax(-1) / safe, 0)),

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import demo_config
-    from .allocator import keep_freed_memory
+    from ..allocator import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: keep freed pages (the live EM-vs-SGD section)
     config = demo_config(out=args.out, checkpoint=args.checkpoint, device=args.device, seed=args.seed,

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stickiness", type=probability, default=0.3, help="stated stickiness s in [0, 1) (default 0.3)")
     p.add_argument("--data-seed", type=seed, default=None, metavar="S",
                    help="one shared sequence from seed S (default: each seed samples its own, as the released script)")
-    p.add_argument("--threads", type=at_least(1), default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, metavar="N", help="CPU threads: torch's, and the EM-vs-SGD training's processes (default: torch's thread count)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.em_vs_sgd import EMvsSGDConfig, reproduce_em_vs_sgd, seeds_for
     from ..experiments.em_vs_sgd.deep import DeepConfig
-    from .allocator import keep_freed_memory
+    from ..allocator import keep_freed_memory
 
-    keep_freed_memory()  # this process is ours: keep freed pages (see commands/allocator.py)
+    keep_freed_memory()  # this process is ours: keep freed pages (see bayesmanifold/allocator.py)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = EMvsSGDConfig(

@@ -103,7 +103,7 @@ def run(args) -> int:
 
     from ..models.presets import DEFAULT_PRESET, preset_spec
     from ..models.training import TrainConfig, train
-    from .allocator import keep_freed_memory
+    from ..allocator import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: keep freed pages (2.5x faster small-model steps on CPU)
     if args.threads is not None:

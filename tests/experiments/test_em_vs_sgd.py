@@ -66,6 +66,24 @@ def test_tiled_pass_matches_autograd(tile):
     assert torch.all((o.accuracy >= 0) & (o.accuracy <= 1))
 
 
+@pytest.mark.parametrize("weight_scale", [0.4, 3.0])
+def test_both_exponential_paths_match_autograd(weight_scale):
+    """Scores within ±EXP2_BOUND (base 2) are exponentiated as they are; larger ones (weights ×3
+    here, bounds in the hundreds) get the row maxima subtracted first; both give exact gradients."""
+    from bayesmanifold.experiments.em_vs_sgd.kernel import EXP2_BOUND, LOG2E
+
+    X, y, W = _tiny(seed=1)
+    W = [w * (weight_scale / 0.4) for w in W]
+    q = (X @ W[0]).norm(dim=-1).amax(-1) * LOG2E / math.sqrt(10)
+    bound = float((q * (X @ W[1]).norm(dim=-1).amax(-1)).max())
+    assert (bound > EXP2_BOUND) is (weight_scale > 1)
+    o = attention_forward_backward(X, y, *W, tile=7)
+    loss, grads, _, _ = _autograd_reference(X, y, *W)
+    assert torch.isfinite(o.loss).all() and torch.allclose(o.loss, loss, atol=1e-12)
+    for g, r in zip(o.grads, grads):
+        assert torch.allclose(g, r, atol=1e-12, rtol=1e-9)
+
+
 def test_m_step_least_squares_solve():
     g = torch.Generator().manual_seed(3)
     X = torch.randn(2, 40, 20, generator=g, dtype=torch.float64)
@@ -151,6 +169,13 @@ def test_bad_config(kwargs, err):
 def test_config_round_trip_and_seeds():
     cfg = EMvsSGDConfig(seeds=(1, 2), steps=3)
     assert EMvsSGDConfig.from_dict(cfg.to_dict()) == cfg
+    # configs written before the worker processes name the field threads
+    old = {k: v for k, v in cfg.to_dict().items() if k != "workers"}
+    assert EMvsSGDConfig.from_dict({**old, "threads": 2}).workers == 2
+    with pytest.raises(ConfigError, match="not both"):
+        EMvsSGDConfig.from_dict({**cfg.to_dict(), "workers": 2, "threads": 2})
+    with pytest.raises(ConfigError, match="workers"):
+        EMvsSGDConfig(workers=0)
     assert seeds_for(3) == (42, 2024, 1337)
     assert seeds_for(7)[:5] == (42, 2024, 1337, 7777, 9999) and len(set(seeds_for(7))) == 7
     with pytest.raises(ConfigError):
@@ -180,8 +205,9 @@ def test_recorded_run_ships_with_the_package():
     assert EMvsSGDConfig.from_dict(d["config"]) == EMvsSGDConfig(probes=True, tile=128, batch_chunk=24)
 
 
-def test_blocks_do_not_depend_on_threads():
-    """Row blocks depend on the batch size and chunk only; 1 and 2 worker threads give the same bits."""
+def test_blocks_do_not_depend_on_workers():
+    """Row blocks depend on the batch size and chunk only; one process and two (this one and a
+    worker process) give the same bits."""
     from bayesmanifold.experiments.em_vs_sgd.trainer import RunSpec, split_rows, train_runs
     from bayesmanifold.windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
 
@@ -201,6 +227,21 @@ def test_blocks_do_not_depend_on_threads():
     assert (outs[0].curves == outs[1].curves).all()
     for a, b in zip(outs[0].weights, outs[1].weights):
         assert torch.equal(a, b)
+
+
+def test_block_groups_and_a_failing_worker():
+    """Blocks go to worker groups whole and in order; a worker that fails raises with its stderr."""
+    from bayesmanifold.experiments.em_vs_sgd.trainer import group_blocks, split_rows
+    from bayesmanifold.experiments.em_vs_sgd.worker import WorkerProcess
+
+    for n in range(1, 40):
+        for k in (1, 2, 3):
+            groups = group_blocks(split_rows(n, 6), k)
+            flat = [sl for g in groups for sl in g]
+            assert flat == split_rows(n, 6) and 1 <= len(groups) <= k and all(groups)
+    assert [sum(sl.stop - sl.start for sl in g) for g in group_blocks(split_rows(35, 6), 2)] == [18, 17]
+    with pytest.raises(RuntimeError, match="(?s)worker process failed.*unexpected keyword"):
+        WorkerProcess({"no_such_argument": 1}).result()
 
 
 def test_reproduce_imports_no_transformer_lens():

@@ -56,9 +56,10 @@ class EMvsSGDConfig:
         batch_chunk: at most this many runs per batched pass: the runs are split into
             ``ceil(runs / batch_chunk)`` near-equal contiguous blocks (at least two when there are
             two runs or more, so that two cores share even a small batch).
-        threads: CPU threads that run the blocks concurrently, each on one intra-op thread
-            (None: ``torch.get_num_threads()``; always 1 on a GPU). The numbers do not depend
-            on it: the blocks are the same for any number of threads.
+        workers: CPU processes that train the blocks side by side: this one and ``workers - 1``
+            worker processes (:mod:`bayesmanifold.experiments.em_vs_sgd.worker`), each on one
+            thread (None: ``torch.get_num_threads()``; always 1 on a GPU). The numbers do not
+            depend on it: the blocks are the same for any number of workers.
         device: torch device.
         probes: record weights at ``n_checkpoints`` checkpoints of one seed per method, for
             :mod:`bayesmanifold.experiments.em_vs_sgd.probes`.
@@ -78,7 +79,7 @@ class EMvsSGDConfig:
     controls: bool = True
     tile: int = 64
     batch_chunk: int = 6
-    threads: int | None = None
+    workers: int | None = None
     device: str = "cpu"
     probes: bool = False
     n_checkpoints: int = 20
@@ -108,8 +109,8 @@ class EMvsSGDConfig:
         StickyChainConfig(stickiness=self.stickiness)  # TaskError outside [0, 1)
         _pos_int("tile", self.tile)
         _pos_int("batch_chunk", self.batch_chunk)
-        if self.threads is not None:
-            _pos_int("threads", self.threads)
+        if self.workers is not None:
+            _pos_int("workers", self.workers)
         _pos_int("n_checkpoints", self.n_checkpoints)
         try:
             torch.device(self.device)
@@ -124,10 +125,14 @@ class EMvsSGDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EMvsSGDConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
+        unknown = set(d) - set(cls.__dataclass_fields__) - {"threads"}
         if unknown:
             raise ConfigError(f"unknown EMvsSGDConfig fields {sorted(unknown)}")
         d = dict(d)
+        if "threads" in d:  # the field's name in configs written before the worker processes
+            if "workers" in d:
+                raise ConfigError("EMvsSGDConfig takes workers or its former name threads, not both")
+            d["workers"] = d.pop("threads")
         for k in ("seeds", "adam_lrs"):
             if k in d:
                 d[k] = tuple(d[k])

@@ -153,7 +153,7 @@ class EMvsSGDResult:
         t_stat, p_value: paired t-test of final losses, EM-like vs SGD (NaN with one seed).
         adam_grid: ``{lr: held-out loss after training on tune_seed}``; adam_lr the chosen one.
         wall_s: wall time of the whole experiment; ms_per_model_step: training wall time per
-            model-step (one full-batch step of one run), with ``extras["train_threads"]`` threads.
+            model-step (one full-batch step of one run), with ``extras["train_workers"]`` processes.
         snapshots: ``{method: [(step, (W_Q, W_K, W_V, W_O))]}`` for the probe seed (optional).
         data: the chain samples used, by ``(sequence seed, literal)``.
     """

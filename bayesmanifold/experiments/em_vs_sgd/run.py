@@ -66,7 +66,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     device = torch.device(config.device)
-    workers = 1 if device.type != "cpu" else (config.threads or torch.get_num_threads())
+    workers = 1 if device.type != "cpu" else (config.workers or torch.get_num_threads())
     chain = StickyChainConfig(stickiness=config.stickiness)
     chain_lit = StickyChainConfig(stickiness=config.stickiness, literal_stickiness=True)
     lr, vlr, ulr = config.lr, config.value_lr, config.uniform_lr
@@ -116,7 +116,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
             sample(sp.data_key)
         say(f"tuning Adam's lr on seed {config.tune_seed}: {len(tspecs)} runs × {config.steps} steps")
         tout = train_runs(tspecs, data, steps=config.steps, device=device, **par)
-        ttest = evaluate_runs(tout.weights, [test_data(sp) for sp in tspecs], **par)
+        ttest = evaluate_runs(tout.weights, [test_data(sp) for sp in tspecs], tile=config.tile, chunk=config.batch_chunk)
         model_steps, train_wall = tout.model_steps, tout.wall_s
         adam_grid = {a: float(ttest[0][i]) for i, a in enumerate(config.adam_lrs)}
         adam_lr = min(adam_grid, key=lambda k: (adam_grid[k], k))
@@ -132,7 +132,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
     out = train_runs(specs, data, steps=config.steps, device=device, **par,
                      snapshot_rows=snap_rows, snapshot_steps=ckpts, progress=say)
     model_steps, train_wall = model_steps + out.model_steps, train_wall + out.wall_s
-    test = evaluate_runs(out.weights, [test_data(sp) for sp in specs], **par)
+    test = evaluate_runs(out.weights, [test_data(sp) for sp in specs], tile=config.tile, chunk=config.batch_chunk)
     h_min = chain.h_min_nats
     h_lit = chain_lit.h_min_nats
     thr = float(np.mean(out.final_loss[rows["sgd"]]))
@@ -173,7 +173,7 @@ def run_em_vs_sgd(config: EMvsSGDConfig | None = None, *, progress: Any = None) 
         snapshots=snapshots,
         data=data,
         extras={"h_min_literal_0.3_nats": h_lit, "h_min_literal_0.3_bits": h_lit / math.log(2.0),
-                "train_threads": workers},
+                "train_workers": workers},
     )
 
 

@@ -8,10 +8,8 @@ M-step (:func:`~.kernel.m_step_values`).
 """
 
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +18,9 @@ from torch import Tensor
 
 from ...windtunnels.sticky_chain import StickyChainData
 from .kernel import attention_forward_backward, init_weights, m_step_values
+from .worker import WorkerProcess
 
-__all__ = ["RunSpec", "RunOut", "train_runs", "evaluate_runs", "checkpoint_steps", "split_rows", "worker_pool"]
+__all__ = ["RunSpec", "RunOut", "train_runs", "train_group", "evaluate_runs", "checkpoint_steps", "split_rows", "group_blocks"]
 
 
 @dataclass(frozen=True)
@@ -58,24 +57,14 @@ def split_rows(n_rows: int, chunk: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-@contextmanager
-def worker_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """``workers`` threads that each run torch ops on one intra-op thread (None for one worker).
-
-    The row blocks of a batch are independent, so running them concurrently, one per core, uses
-    the cores without the per-op synchronisation of intra-op threads (which mostly waits on
-    small ops and on a loaded machine). torch's thread setting is restored on exit.
-    """
-    if workers <= 1:
-        yield None
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield pool
-    finally:
-        torch.set_num_threads(before)
+def group_blocks(blocks: list[slice], groups: int) -> list[list[slice]]:
+    """Consecutive blocks in at most ``groups`` groups of near-equal row counts (none empty)."""
+    n_rows = blocks[-1].stop
+    groups = max(1, min(groups, len(blocks)))
+    out: list[list[slice]] = [[] for _ in range(groups)]
+    for sl in blocks:  # a block goes to the group its middle row falls in
+        out[min(groups - 1, (sl.start + sl.stop) * groups // (2 * n_rows))].append(sl)
+    return [g for g in out if g]
 
 
 def train_runs(
@@ -94,7 +83,10 @@ def train_runs(
     """Train every run of ``specs`` for ``steps`` full-batch steps, all rows of one batch.
 
     Each step is one pass of :func:`~.kernel.attention_forward_backward` per block of at most
-    ``chunk`` rows (blocks run concurrently on ``workers`` threads), then the per-row update.
+    ``chunk`` rows, then the per-row update. With ``workers > 1`` on a CPU the blocks are shared
+    out in consecutive groups: this process trains the first on one thread, and each other
+    group is trained start to finish in a worker process (:mod:`.worker`). A row's numbers
+    depend only on its block, never on ``workers``.
 
     Returns:
         A :class:`RunOut` (curves, final metrics, snapshots of ``snapshot_rows`` at
@@ -102,16 +94,75 @@ def train_runs(
     """
     t0 = time.perf_counter()
     B = len(specs)
-    X = torch.stack([data[s.data_key].inputs for s in specs]).to(device)
-    y = torch.stack([data[s.data_key].targets for s in specs]).to(device)
-    W = [torch.stack(ws).to(device) for ws in zip(*(init_weights(s.seed) for s in specs))]
-    lr = torch.tensor([s.lrs for s in specs], dtype=X.dtype, device=device)  # [B, 4]
-    is_adam = torch.tensor([s.kind == "adam" for s in specs], device=device)
+    X = torch.stack([data[s.data_key].inputs for s in specs])
+    y = torch.stack([data[s.data_key].targets for s in specs])
+    blocks = split_rows(B, chunk)
+    groups = group_blocks(blocks, workers if device.type == "cpu" else 1)
+
+    def job(g: list[slice]) -> dict[str, Any]:
+        a, b = g[0].start, g[-1].stop
+        return {"specs": [astuple(s) for s in specs[a:b]], "X": X[a:b], "y": y[a:b],
+                "blocks": [(sl.start - a, sl.stop - a) for sl in g], "steps": steps, "tile": tile,
+                "snapshot_rows": [r - a for r in snapshot_rows if a <= r < b],
+                "snapshot_steps": list(snapshot_steps), "device": str(device)}
+
+    procs = []
+    before = torch.get_num_threads()
+    try:
+        procs = [WorkerProcess(job(g)) for g in groups[1:]]
+        if procs:
+            torch.set_num_threads(1)
+        say = None
+        if progress is not None:
+            def say(step: int) -> None:
+                el = time.perf_counter() - t0
+                progress(f"step {step}/{steps}: {el:.0f} s, {1000 * el / (B * step):.1f} ms per model-step")
+        parts = [train_group(**job(groups[0]), progress=say)] + [p.result() for p in procs]
+    finally:
+        torch.set_num_threads(before)
+        for p in procs:
+            p.kill()
+    curves = torch.cat([p["curves"] for p in parts]).numpy()
+    snapshots: dict[int, list] = {}
+    for g, p in zip(groups, parts):
+        snapshots.update({g[0].start + r: v for r, v in p["snapshots"].items()})
+    weights = [torch.cat([p["weights"][k] for p in parts]).to(device) for k in range(4)]
+    wall = time.perf_counter() - t0
+    return RunOut(curves, curves[:, steps].copy(), torch.cat([p["entropy"] for p in parts]).numpy(),
+                  torch.cat([p["accuracy"] for p in parts]).numpy(), snapshots, wall, B * (steps + 1), weights)
+
+
+def train_group(
+    specs: list[tuple],
+    X: Tensor,
+    y: Tensor,
+    blocks: list[tuple[int, int]],
+    *,
+    steps: int,
+    tile: int,
+    snapshot_rows: Sequence[int] = (),
+    snapshot_steps: Sequence[int] = (),
+    device: str = "cpu",
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train the rows of ``specs`` (``RunSpec`` fields as tuples) block by block, in this process.
+
+    Returns tensors only (a worker process sends them back): ``curves`` ``[rows, steps + 1]``
+    (float64), ``entropy``, ``accuracy``, ``snapshots`` (row → ``[(step, weights)]``) and the final
+    ``weights``.
+    """
+    dev = torch.device(device)
+    specs = [RunSpec(*s) for s in specs]
+    B = len(specs)
+    X, y = X.to(dev), y.to(dev)
+    W = [torch.stack(ws).to(dev) for ws in zip(*(init_weights(s.seed) for s in specs))]
+    lr = torch.tensor([s.lrs for s in specs], dtype=X.dtype, device=dev)  # [B, 4]
+    is_adam = torch.tensor([s.kind == "adam" for s in specs], device=dev)
     any_adam = bool(is_adam.any())
     m_list = [i for i, s in enumerate(specs) if s.kind == "mstep"]
-    m_rows = torch.tensor(m_list, dtype=torch.long, device=device)
-    m_size = torch.tensor([s.m_step for s in specs], dtype=X.dtype, device=device)
-    pinv = None
+    m_rows = torch.tensor(m_list, dtype=torch.long, device=dev)
+    m_size = torch.tensor([s.m_step for s in specs], dtype=X.dtype, device=dev)
+    pinv = Xm = None
     if m_list:
         Xm = X.index_select(0, m_rows)
         Xd = Xm.double()
@@ -119,79 +170,60 @@ def train_runs(
     adam_m = [torch.zeros_like(w) for w in W]
     adam_v = [torch.zeros_like(w) for w in W]
     b1, b2, eps = 0.9, 0.999, 1e-8
-    curves = np.zeros((B, steps + 1))
-    snap_rows = set(snapshot_rows)
+    curves = torch.zeros(B, steps + 1, dtype=torch.float64)
     snap_steps = set(snapshot_steps)
-    snapshots: dict[int, list] = {r: [] for r in snap_rows}
-    blocks = split_rows(B, chunk)
+    snapshots: dict[int, list] = {r: [] for r in snapshot_rows}
+    sls = [slice(a, b) for a, b in blocks]
     # M-step rows of each block, as positions inside the block (in m_rows order overall)
-    local_m = [torch.tensor([i - sl.start for i in m_list if sl.start <= i < sl.stop], dtype=torch.long, device=device)
-               for sl in blocks]
-
-    def one_block(k: int, need_grad: bool):
-        sl, rr = blocks[k], local_m[k]
-        rr = rr if need_grad and rr.numel() else None
-        return attention_forward_backward(X[sl], y[sl], *(w[sl] for w in W), tile=tile, responsibility_rows=rr)
-
-    with worker_pool(workers) as pool:
-        for step in range(steps + 1):
-            if step in snap_steps:
-                for r in snap_rows:
-                    snapshots[r].append((step, tuple(w[r].detach().cpu().clone() for w in W)))
-            need_grad = step < steps
-            if pool is None:
-                outs = [one_block(k, need_grad) for k in range(len(blocks))]
-            else:
-                outs = list(pool.map(one_block, range(len(blocks)), [need_grad] * len(blocks)))
-            if progress is not None and step and step % max(steps // 10, 1) == 0:
-                el = time.perf_counter() - t0
-                progress(f"step {step}/{steps}: {el:.0f} s, {1000 * el / (B * step):.1f} ms per model-step")
-            curves[:, step] = torch.cat([o.loss for o in outs]).cpu().numpy()
-            if not need_grad:
-                break
-            grads = [torch.cat([o.grads[k] for o in outs]) for k in range(4)]
-            new_V_m = None
-            if m_list:
-                resp_u = torch.cat([o.resp_u for o in outs if o.resp_u is not None])
-                resp_mass = torch.cat([o.resp_mass for o in outs if o.resp_mass is not None])
-                new_V_m = m_step_values(Xm, W[2].index_select(0, m_rows), resp_u, resp_mass,
-                                        m_size.index_select(0, m_rows)[:, None, None], pinv=pinv)
-            t = step + 1
-            for k in range(4):
-                g = grads[k]
-                lr_k = lr[:, k][:, None, None]
-                upd = lr_k * g
-                if any_adam:
-                    adam_m[k].mul_(b1).add_(g, alpha=1 - b1)
-                    adam_v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    mhat = adam_m[k] / (1 - b1**t)
-                    vhat = adam_v[k] / (1 - b2**t)
-                    upd = torch.where(is_adam[:, None, None], lr_k * mhat / (vhat.sqrt() + eps), upd)
-                W[k] = W[k] - upd
-            if new_V_m is not None:
-                W[2][m_rows] = new_V_m
-    final_loss = curves[:, steps].copy()
-    entropy = torch.cat([o.entropy for o in outs]).cpu().numpy()
-    accuracy = torch.cat([o.accuracy for o in outs]).cpu().numpy()
-    wall = time.perf_counter() - t0
-    return RunOut(curves, final_loss, entropy, accuracy, snapshots, wall, B * (steps + 1), W)
+    local_m = [torch.tensor([i - sl.start for i in m_list if sl.start <= i < sl.stop], dtype=torch.long, device=dev)
+               for sl in sls]
+    for step in range(steps + 1):
+        if step in snap_steps:
+            for r in snapshots:
+                snapshots[r].append((step, tuple(w[r].detach().cpu().clone() for w in W)))
+        need_grad = step < steps
+        outs = [attention_forward_backward(X[sl], y[sl], *(w[sl] for w in W), tile=tile,
+                                           responsibility_rows=rr if need_grad and rr.numel() else None)
+                for sl, rr in zip(sls, local_m)]
+        if progress is not None and step and step % max(steps // 10, 1) == 0:
+            progress(step)
+        curves[:, step] = torch.cat([o.loss for o in outs]).cpu()
+        if not need_grad:
+            break
+        grads = [torch.cat([o.grads[k] for o in outs]) for k in range(4)]
+        new_V_m = None
+        if m_list:
+            resp_u = torch.cat([o.resp_u for o in outs if o.resp_u is not None])
+            resp_mass = torch.cat([o.resp_mass for o in outs if o.resp_mass is not None])
+            new_V_m = m_step_values(Xm, W[2].index_select(0, m_rows), resp_u, resp_mass,
+                                    m_size.index_select(0, m_rows)[:, None, None], pinv=pinv)
+        t = step + 1
+        for k in range(4):
+            g = grads[k]
+            lr_k = lr[:, k][:, None, None]
+            upd = lr_k * g
+            if any_adam:
+                adam_m[k].mul_(b1).add_(g, alpha=1 - b1)
+                adam_v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+                mhat = adam_m[k] / (1 - b1**t)
+                vhat = adam_v[k] / (1 - b2**t)
+                upd = torch.where(is_adam[:, None, None], lr_k * mhat / (vhat.sqrt() + eps), upd)
+            W[k] = W[k] - upd
+        if new_V_m is not None:
+            W[2][m_rows] = new_V_m
+    return {"curves": curves, "entropy": torch.cat([o.entropy for o in outs]).cpu(),
+            "accuracy": torch.cat([o.accuracy for o in outs]).cpu(), "snapshots": snapshots,
+            "weights": [w.cpu() for w in W]}
 
 
-def evaluate_runs(
-    weights: list[Tensor], datasets: list[StickyChainData], *, tile: int, chunk: int, workers: int = 1
-) -> list[np.ndarray]:
+def evaluate_runs(weights: list[Tensor], datasets: list[StickyChainData], *, tile: int, chunk: int) -> list[np.ndarray]:
     """Loss, entropy and accuracy of each run's final weights on its own (held-out) sequence."""
     dev = weights[0].device
     X = torch.stack([d.inputs for d in datasets]).to(dev)
     y = torch.stack([d.targets for d in datasets]).to(dev)
-
-    def one_block(sl: slice):
-        with torch.no_grad():
-            return attention_forward_backward(X[sl], y[sl], *(w[sl] for w in weights), tile=tile)
-
-    blocks = split_rows(len(datasets), chunk)
-    with worker_pool(workers) as pool:
-        outs = [one_block(sl) for sl in blocks] if pool is None else list(pool.map(one_block, blocks))
+    with torch.no_grad():
+        outs = [attention_forward_backward(X[sl], y[sl], *(w[sl] for w in weights), tile=tile)
+                for sl in split_rows(len(datasets), chunk)]
     return [torch.cat([getattr(o, k) for o in outs]).cpu().numpy() for k in ("loss", "entropy", "accuracy")]
 
 
