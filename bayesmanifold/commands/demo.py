@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import demo_config
     from ..allocator import keep_freed_memory
+    from ..demo import demo_config
 
     keep_freed_memory()  # this process is ours: keep freed pages (the live EM-vs-SGD section)
     config = demo_config(out=args.out, checkpoint=args.checkpoint, device=args.device, seed=args.seed,

@@ -50,9 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..allocator import keep_freed_memory
     from ..experiments.em_vs_sgd import EMvsSGDConfig, reproduce_em_vs_sgd, seeds_for
     from ..experiments.em_vs_sgd.deep import DeepConfig
-    from ..allocator import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: keep freed pages (see bayesmanifold/allocator.py)
     if args.threads is not None:

@@ -101,9 +101,9 @@ def _command(args) -> str:
 def run(args) -> int:
     from dataclasses import replace
 
+    from ..allocator import keep_freed_memory
     from ..models.presets import DEFAULT_PRESET, preset_spec
     from ..models.training import TrainConfig, train
-    from ..allocator import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: keep freed pages (2.5x faster small-model steps on CPU)
     if args.threads is not None:
