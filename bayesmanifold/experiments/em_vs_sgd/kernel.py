@@ -68,9 +68,9 @@ def attention_forward_backward(
     The weight gradients use ``∂L/∂W_Q = (Xᵀ G_S X) W_K / √d``, ``∂L/∂W_K = (Xᵀ G_S X)ᵀ W_Q / √d``
     with ``G_S = α ⊙ (b - b̄)`` (the routing law), and ``∂L/∂W_V = (αX)ᵀ U``.
 
-    The passes over a block's ``[queries, keys]`` matrices are kept to five: the scores (in base
-    2, so that ``exp2`` replaces the costlier ``exp``), their exponentials, the row sums, the
-    product with ``X``, and ``b ⊙ e`` with its product with ``X``. The softmax is not
+    Per block of queries two ``[queries, keys]`` matrices are formed, the exponentiated scores
+    ``e`` (in base 2, so that ``exp2`` replaces the costlier ``exp``) and ``b ⊙ e``, and each is
+    read by one product: ``e`` with ``[X, 1]`` (which gives the row sums too), ``b ⊙ e`` with ``X``. The softmax is not
     normalised in place: ``1/Σ_j e_ij`` multiplies the ``[queries, d_in]`` results instead. No
     row maximum is subtracted when ``max_i |q_i| · max_j |k_j|`` (a bound on every base-2
     score of the block of runs) is at most :data:`EXP2_BOUND`, so that every exponential lies in
@@ -91,7 +91,7 @@ def attention_forward_backward(
     # keys, inputs and p_j = x_j W_V W_O as columns [batch, ·, pos]: the block products read them
     # without a transpose
     Kt = K.transpose(1, 2).contiguous()
-    Xt = X.transpose(1, 2).contiguous()
+    Xt = torch.cat([X, X.new_ones(B, T, 1)], -1).transpose(1, 2).contiguous()  # a row of ones: Σ_j e_ij comes with eX
     W_VO = torch.bmm(W_V, W_O)
     Pt = torch.bmm(X, W_VO).transpose(1, 2).contiguous()
     H = X.new_zeros(B, d, W_O.shape[-1])  # Σ_i (αX)_iᵀ g_i: ∂L/∂W_O = W_Vᵀ H, ∂L/∂W_V = H W_Oᵀ
@@ -111,16 +111,17 @@ def attention_forward_backward(
         if shift:
             E.sub_(E.amax(-1, keepdim=True))
         E.exp2_()  # α_ij = e_ij · r_i
-        r = E.sum(-1, keepdim=True).reciprocal_()
-        AX = torch.bmm(Xt[:, :, :b], E.transpose(1, 2)).transpose(1, 2).mul_(r)  # (αX)_i, [batch, n, d]
+        eX = torch.bmm(Xt[:, :, :b], E.transpose(1, 2)).transpose(1, 2)  # [batch, n, d + 1]: Σ_j e_ij x_j, Σ_j e_ij
+        r = eX[..., d:].reciprocal()
+        AX = eX[..., :d].mul_(r)  # (αX)_i
         logits = torch.bmm(AX, W_VO, out=logits_all[:, a:b])
         G = torch.softmax(logits, -1).scatter_add_(2, y[:, a:b, None], minus_one[:, :n]).div_(T)  # (p − onehot(y)) / T
         H.baddbmm_(AX.transpose(1, 2), G)
         bbar = torch.linalg.vecdot(G, logits).unsqueeze(-1)  # b̄_i = u_i·z_i = g_i·logits_i
         BE = torch.bmm(G, Pt[:, :, :b]).mul_(E)  # b_ij e_ij, b_ij = u_i·v_j = g_i·p_j
         # G_S X = r ⊙ (b ⊙ e) X - b̄ (αX)
-        GSX = torch.bmm(Xt[:, :, :b], BE.transpose(1, 2)).transpose(1, 2).mul_(r).sub_(bbar * AX)
-        C.baddbmm_(Xt[:, :, a:b], GSX)
+        GSX = torch.bmm(Xt[:, :d, :b], BE.transpose(1, 2)).transpose(1, 2).mul_(r).sub_(bbar * AX)
+        C.baddbmm_(Xt[:, :d, a:b], GSX)
         if resp is not None:
             Gr = torch.cat([G.index_select(0, rr), X.new_ones(rr.numel(), n, 1)], -1).mul_(r.index_select(0, rr))
             resp[:, :b] += torch.bmm(E.index_select(0, rr).transpose(1, 2), Gr)
