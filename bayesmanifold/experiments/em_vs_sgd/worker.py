@@ -4,8 +4,8 @@ The runs of a batch never interact, so a group of them can be trained start to f
 process: the parent sends the group's rows (specs, data, settings) once, and gets its curves,
 metrics, snapshots and final weights back once. Python threads in one process are slowed by each
 other (the interpreter lock is taken and released around every tensor op of the tiled pass, and
-the kernel's ops are short): on the 2-core CPU machine 36 runs took 7.0 ms per model-step on two
-threads against 5.0 ms on two processes. A worker is a fresh interpreter that imports this module and calls
+the kernel's ops are short): on the 2-core CPU machine 36 runs × 150 steps took 6.5–6.6 ms per
+model-step on two threads and 5.8–5.9 ms on two processes. A worker is a fresh interpreter that imports this module and calls
 :func:`main` (so the caller's ``__main__`` is never re-imported, unlike ``multiprocessing``'s
 spawn), with one intra-op thread and the C allocator
 tuned in its own process; the job and its result travel through its stdin and stdout as
