@@ -7,6 +7,7 @@ rates give SGD and the EM-like schedule (10× lr on ``W_V``); rows of kind ``ada
 M-step (:func:`~.kernel.m_step_values`).
 """
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
@@ -97,7 +98,8 @@ def train_runs(
     X = torch.stack([data[s.data_key].inputs for s in specs])
     y = torch.stack([data[s.data_key].targets for s in specs])
     blocks = split_rows(B, chunk)
-    groups = group_blocks(blocks, workers if device.type == "cpu" else 1)
+    # worker processes need a Python executable to start (an embedded interpreter may have none)
+    groups = group_blocks(blocks, workers if device.type == "cpu" and sys.executable else 1)
 
     def job(g: list[slice]) -> dict[str, Any]:
         a, b = g[0].start, g[-1].stop
