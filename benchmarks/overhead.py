@@ -21,11 +21,14 @@ it is ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/overhead.py [--reps 3] [--rounds 1] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+    python benchmarks/overhead.py [--reps 3] [--rounds 1] [--paired 0] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
 
 ``--rounds R`` runs every mode's process R times, in turn, and reports the median of each ratio
 over the rounds (with the range of the time ratio): on a shared machine one floor process can
-be 15 % slower than the next.
+be 15 % slower than the next. ``--paired N`` also times N floor and capture passes alternated
+in one process (``paired_floor_time_ratio``: the median of the N pair ratios, with their range),
+which a drift of the machine's speed over minutes cannot bias; memory is only measured in the
+separate processes.
 
 A size with ``seq`` > 1024 uses the long-context model. ``--skip-naive`` leaves out the
 TransformerLens-alone mode (at 1 x 4096 it holds every layer's four N x N tensors and their gradients).
@@ -122,6 +125,8 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
             cap.run(tokens)
         return [acc.finalize() for acc in accs]
 
+    if mode == "paired":
+        return _paired(floor, ours, model, reps, device)
     step = {"floor": floor, "plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -144,6 +149,40 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"time": statistics.median(times), "peak": peak, "base": base}
+
+
+def _paired(floor, ours, model, reps: int, device: str) -> dict:
+    """Floor and capture passes alternated in one process (after one warm-up of each): the ratio
+    of each adjacent pair, so that a drift of the machine's speed falls on both sides of it."""
+    import torch
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def frozen_floor() -> None:
+        flags = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            floor()
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+
+    timed(frozen_floor), timed(ours)
+    pairs = []
+    for i in range(reps):
+        # alternate which side goes first, so that neither always follows the other
+        first, second = (frozen_floor, ours) if i % 2 == 0 else (ours, frozen_floor)
+        a, b = timed(first), timed(second)
+        pairs.append((a, b) if i % 2 == 0 else (b, a))
+    return {"pairs": pairs}
 
 
 def _rss_now() -> int:
@@ -191,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run every mode's process this many times, in turn; report medians")
     ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="also time N floor/capture pairs alternated in one process (0: none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -211,6 +252,11 @@ def main(argv=None) -> int:
         row = {k: (statistics.median(r[k] for r in rounds) if isinstance(v, float) else v) for k, v in rounds[0].items()}
         if args.rounds > 1:
             row["rounds"] = rounds
+        if args.paired:
+            pairs = _measure("paired", batch, seq, args.paired, args.device)["pairs"]
+            ratios = [c / f for f, c in pairs]
+            row.update(paired_floor_time_ratio=statistics.median(ratios), paired_ratio_min=min(ratios),
+                       paired_ratio_max=max(ratios), paired_seconds=pairs)
         results.append(row)
         naive = (
             f" | naive TL ×{row['naive_floor_time_ratio']:.3f} time, ×{row['naive_floor_excess_memory_ratio']:.3f} excess"
@@ -228,6 +274,10 @@ def main(argv=None) -> int:
             f"×{row['time_ratio']:.3f}, peak ×{row['peak_memory_ratio']:.3f}{naive}{spread}",
             flush=True,
         )
+        if args.paired:
+            print(f"                   paired in one process: capture+stats vs floor ×{row['paired_floor_time_ratio']:.3f} "
+                  f"(median of {args.paired} pairs, from ×{row['paired_ratio_min']:.3f} to ×{row['paired_ratio_max']:.3f})",
+                  flush=True)
     if args.json:
         from bayesmanifold.io import atomic_write_json
 

@@ -244,6 +244,22 @@ def test_block_groups_and_a_failing_worker():
         WorkerProcess({"no_such_argument": 1}).result()
 
 
+def test_worker_runs_the_callers_package_whatever_the_working_directory(tmp_path, monkeypatch):
+    """The worker takes the caller's sys.path: a package of the same name in the working directory
+    (where `python -c` would look first) is not imported."""
+    from bayesmanifold.experiments.em_vs_sgd.trainer import RunSpec, train_runs
+    from bayesmanifold.windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
+
+    (tmp_path / "bayesmanifold").mkdir()
+    (tmp_path / "bayesmanifold" / "__init__.py").write_text("raise ImportError('the wrong bayesmanifold')\n")
+    monkeypatch.chdir(tmp_path)
+    data = {(s, False): sample_sticky_chain(StickyChainConfig(length=61), seed=s) for s in (1, 2)}
+    specs = [RunSpec("sgd", s, (s, False), "sgd", (0.05,) * 4) for s in (1, 2)]
+    out = train_runs(specs, data, steps=2, tile=16, chunk=1, device=torch.device("cpu"), workers=2)
+    ref = train_runs(specs, data, steps=2, tile=16, chunk=1, device=torch.device("cpu"), workers=1)
+    assert (out.curves == ref.curves).all()
+
+
 def test_reproduce_imports_no_transformer_lens():
     """TransformerLens (seconds to import) loads only when the probes or the deep variant run."""
     import subprocess

@@ -70,14 +70,14 @@ def attention_forward_backward(
 
     Per block of queries two ``[queries, keys]`` matrices are formed, the exponentiated scores
     ``e`` (in base 2, so that ``exp2`` replaces the costlier ``exp``) and ``b ⊙ e``, and each is
-    read by one product: ``e`` with ``[X, 1]`` (which gives the row sums too), ``b ⊙ e`` with ``X``. The softmax is not
-    normalised in place: ``1/Σ_j e_ij`` multiplies the ``[queries, d_in]`` results instead. No
-    row maximum is subtracted when ``max_i |q_i| · max_j |k_j|`` (a bound on every base-2
-    score of the block of runs) is at most :data:`EXP2_BOUND`, so that every exponential lies in
-    ``[2^-64, 2^64]``, far from float32's overflow and subnormal range; otherwise the row maxima
-    are subtracted first, as a softmax does. ``b_ij = u_i·v_j`` is computed as
-    ``g_i · (x_j W_V W_O)`` (``u_i = g_i W_Oᵀ``, ``g_i = ∂L/∂logits_i``), an inner size of 8
-    instead of 15.
+    read by one product: ``e`` with ``[X, 1]`` (which gives the row sums too), ``b ⊙ e`` with
+    ``X``. The softmax is not normalised in place: ``1/Σ_j e_ij`` multiplies the
+    ``[queries, d_in]`` results instead. No row maximum is subtracted when
+    ``max_i |q_i| · max_j |k_j|`` (a bound on every base-2 score of the batch) is at most
+    :data:`EXP2_BOUND`, so that every exponential lies in ``[2^-64, 2^64]``, far from float32's
+    overflow and subnormal range; otherwise the row maxima are subtracted first, as a softmax
+    does. ``b_ij = u_i·v_j`` is computed as ``g_i · (x_j W_V W_O)`` (``u_i = g_i W_Oᵀ``,
+    ``g_i = ∂L/∂logits_i``), an inner size of 8 instead of 15.
 
     Args:
         responsibility_rows: batch rows for which ``Σ_i α_ij u_i`` and ``Σ_i α_ij`` are also

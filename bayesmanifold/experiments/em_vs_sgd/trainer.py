@@ -103,15 +103,17 @@ def train_runs(
 
     def job(g: list[slice]) -> dict[str, Any]:
         a, b = g[0].start, g[-1].stop
-        return {"specs": [astuple(s) for s in specs[a:b]], "X": X[a:b], "y": y[a:b],
+        # clones: torch.save would send the whole storage under a view
+        return {"specs": [astuple(s) for s in specs[a:b]], "X": X[a:b].clone(), "y": y[a:b].clone(),
                 "blocks": [(sl.start - a, sl.stop - a) for sl in g], "steps": steps, "tile": tile,
                 "snapshot_rows": [r - a for r in snapshot_rows if a <= r < b],
                 "snapshot_steps": list(snapshot_steps), "device": str(device)}
 
-    procs = []
+    procs: list[WorkerProcess] = []
     before = torch.get_num_threads()
     try:
-        procs = [WorkerProcess(job(g)) for g in groups[1:]]
+        for g in groups[1:]:
+            procs.append(WorkerProcess(job(g)))
         if procs:
             torch.set_num_threads(1)
         say = None

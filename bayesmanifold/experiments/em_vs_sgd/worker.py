@@ -5,28 +5,33 @@ process: the parent sends the group's rows (specs, data, settings) once, and get
 metrics, snapshots and final weights back once. Python threads in one process are slowed by each
 other (the interpreter lock is taken and released around every tensor op of the tiled pass, and
 the kernel's ops are short): on the 2-core CPU machine 36 runs × 150 steps took 6.5–6.6 ms per
-model-step on two threads and 5.8–5.9 ms on two processes. A worker is a fresh interpreter that imports this module and calls
-:func:`main` (so the caller's ``__main__`` is never re-imported, unlike ``multiprocessing``'s
-spawn), with one intra-op thread and the C allocator
-tuned in its own process; the job and its result travel through its stdin and stdout as
-``torch.save`` payloads, loaded with ``weights_only=True``. The caller's environment and threads
-are not changed.
+model-step on two threads and 5.8–5.9 ms on two processes.
+
+A worker is a fresh interpreter (``sys.executable -c``) that takes the caller's ``sys.path``,
+imports this module and calls :func:`main`: the caller's ``__main__`` is never re-imported
+(unlike ``multiprocessing``'s spawn), and the package it runs is the caller's, whatever the
+working directory holds. It runs on one intra-op thread with the C allocator tuned in its own
+process, and dies with its parent on Linux. The job and its result travel through its stdin and
+stdout as ``torch.save`` payloads, loaded with ``weights_only=True``. The caller's environment
+and threads are not changed.
 """
 
 import ctypes
 import ctypes.util
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["WorkerProcess", "main"]
+
+_PATH_VAR = "BAYESMANIFOLD_WORKER_SYS_PATH"  # set in the worker's environment only
 
 
 def _dumps(obj: Any) -> bytes:
@@ -48,14 +53,11 @@ class WorkerProcess:
     """
 
     def __init__(self, job: dict[str, Any]) -> None:
-        root = str(Path(__file__).resolve().parents[3])  # the folder that holds the package
-        path = os.environ.get("PYTHONPATH")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                   PYTHONPATH=root if not path else root + os.pathsep + path)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", f"from {__name__} import main; main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env,
-        )
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{_PATH_VAR: json.dumps(sys.path)})
+        code = f"import json, os, sys; sys.path[:] = json.loads(os.environ.pop({_PATH_VAR!r})); " \
+               f"from {__name__} import main; main()"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env)
         self._out: tuple[bytes, bytes] | None = None
         self._thread = threading.Thread(target=self._talk, args=(_dumps(job),), daemon=True)
         self._thread.start()
