@@ -26,7 +26,16 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
-from .headstats import HeadStats, PerHead, Zeroer, entry_mask, f64_rows, tiles
+from .headstats import (
+    HeadStats,
+    PerHead,
+    RowBuffers,
+    Scratch,
+    entry_mask,
+    f64_rows,
+    layer_tiles,
+    zeroer,
+)
 
 __all__ = ["AdvantageStats", "AdvantageResult", "HIST_BIN_VALUES", "advantage"]
 
@@ -60,15 +69,17 @@ def _magnitude_centres() -> np.ndarray:
 HIST_BIN_VALUES = np.concatenate([-_magnitude_centres()[::-1], _magnitude_centres()])
 
 
-def _float_histogram(adv: Tensor, n_masked: int = 0) -> Tensor:
+def _float_histogram(adv: Tensor, n_masked: int = 0, out: Tensor | None = None) -> Tensor:
     """Counts per head ``[head, 2048]`` of the entries of ``adv``, in code order.
 
     ``adv`` holds +0 at its masked entries (``n_masked`` of them per head); they are taken out of
-    the +0 bin, so an unmasked A that is exactly 0 is still counted.
+    the +0 bin, so an unmasked A that is exactly 0 is still counted. ``out``: an int32 buffer of
+    ``adv``'s shape for the codes.
     """
     n_h = adv.shape[1]
     x = adv if adv.dtype == torch.float32 else adv.float()
-    idx = x.view(torch.int32) >> 21  # in [-1024, 1023]: negative floats have the sign bit set
+    # in [-1024, 1023]: negative floats have the sign bit set
+    idx = torch.bitwise_right_shift(x.view(torch.int32), 21, out=out) if out is not None else x.view(torch.int32) >> 21
     idx += torch.arange(n_h, device=adv.device, dtype=torch.int32)[None, :, None, None] * (2 * _N_MAG) + _N_MAG
     counts = torch.bincount(idx.flatten(), minlength=n_h * 2 * _N_MAG).view(n_h, 2 * _N_MAG)
     counts[:, _N_MAG] -= n_masked
@@ -176,73 +187,76 @@ class AdvantageStats:
 
     def update(self, b: LayerBundle) -> None:
         mask = entry_mask(b)
-        zero = Zeroer(b, mask)
+        zero = zeroer(b)
         qvb = b.query_valid[:, None, :]
         qv = qvb.to(b.pattern.dtype)
         dims = (0, 2, 3)
         n_h = len(b.heads)
-        kinds = {"n_positive": "sum", "sum_adv": "sum", "sum_adv_sq": "sum", "min_adv": "min", "max_adv": "max",
-                 "sum_mass_positive": "sum", "sum_alpha_adv": "sum", "sum_abs_alpha_adv": "sum",
-                 "sum_alpha_abs_adv": "sum", "n_argmax_positive": "sum", "n_routing_queries": "sum",
-                 "sum_top1_share": "sum", "sum_effective_keys": "sum"}
-        acc = PerHead(n_h, kinds)
+        acc = PerHead(n_h, {"min_adv": "min", "max_adv": "max"})
+        rows = RowBuffers(["n_positive", "sum_adv", "sum_adv_sq", "mass", "alpha_adv", "alpha_pos_adv", "wmax", "amax",
+                           "tot", "gmax", "glogg"], b.pattern)
         hist = torch.zeros(n_h, 2 * _N_MAG, dtype=torch.float64)
-        for hs, qs, ks in tiles(b.pattern, b.valid):
+        tile_list = layer_tiles(b)
+        scratch = Scratch(b.pattern, tile_list, 2)
+        codes = Scratch(b.pattern, tile_list, 1, torch.int32) if self.histogram else None
+        for hs, qs, ks in tile_list:
             a, gp = b.pattern[:, hs, qs, ks], b.grad_pattern[:, hs, qs, ks]
-            q_v, q_vb = qv[:, :, qs], qvb[:, :, qs]
-            adv = torch.mul(a, gp)
+            adv, pos = scratch.get(0, a.shape), scratch.get(1, a.shape)
+            torch.mul(a, gp, out=adv)
             bbar = adv.sum(-1, keepdim=True)
-            # A on valid entries, +0 elsewhere (adding 0 turns the −0 of a float mask into +0)
-            zero.tile(qs, ks, adv.dtype)(torch.sub(bbar, gp, out=adv)).add_(0.0)
+            # A on valid entries, +0 elsewhere
+            zero.tile(qs, ks, adv.dtype)(torch.sub(bbar, gp, out=adv))
             # float indicators and products rather than boolean masks and torch.where, which are
             # several times slower on CPU: pos = 1.0 where A > 0, else 0.0
-            pos = torch.sign(adv).clamp_(min=0)
-            wp = torch.mul(a, pos)  # attention on positive-advantage keys
-            aa = torch.mul(a, adv)
-            alpha_adv = aa.sum(-1)
-            # Per-row reductions first, in the tensors' dtype; only the [batch, head, query] row
-            # results are summed in float64 (converting whole tiles would cost a copy each).
-            # Σ_j α_ij A_ij = 0 on every valid row, so A takes both signs there: the zeros at masked
-            # entries cannot change the min or the max.
-            vals = dict(
-                n_positive=f64_rows(pos.sum(-1)),
-                sum_adv=f64_rows(adv.sum(-1)),
-                sum_adv_sq=f64_rows(torch.linalg.vector_norm(adv, dim=-1).square_()),
-                min_adv=adv.amin(dims),
-                max_adv=adv.amax(dims),
-                sum_mass_positive=f64_rows(wp.sum(-1) * q_v),
-                # a most-attended key of the row has A > 0 (any of them, under exact ties)
-                n_argmax_positive=(((wmax := wp.amax(-1)) >= a.amax(-1)) & (wmax > 0) & q_vb).sum((0, 2)),
-                sum_alpha_adv=f64_rows(alpha_adv * q_v),
-                sum_abs_alpha_adv=f64_rows(alpha_adv.abs() * q_v),
-                sum_alpha_abs_adv=f64_rows(aa.abs_().sum(-1) * q_v),
-            )
-            if self.histogram:
-                n_masked = mask[:, :, qs, ks].numel() - int(mask[:, :, qs, ks].sum())
-                hist[hs] += _float_histogram(adv, n_masked).cpu().double()
-            del pos, wp
-            g = torch.abs(b.grad_scores[:, hs, qs, ks], out=adv)
-            tot = g.sum(-1)
-            live = (tot > 0) & q_vb
-            safe = torch.where(tot > 0, tot, 1)
-            # entropy of p = g / tot: log tot − ln 2 · Σ g log2 g / tot (g = 0 adds 0: log of a
+            torch.gt(adv, 0, out=pos)
+            # Per-row reductions in the tensors' dtype, into [batch, head, query] buffers summed in
+            # float64 once per layer (converting whole tiles would cost a copy each). Σ_j α_ij A_ij = 0
+            # on every valid row, so A takes both signs there: the zeros at masked entries cannot
+            # change the min or the max.
+            torch.sum(pos, -1, out=rows.at("n_positive", hs, qs))
+            torch.sum(adv, -1, out=rows.at("sum_adv", hs, qs))
+            torch.linalg.vector_norm(adv, dim=-1, out=rows.at("sum_adv_sq", hs, qs))  # squared below
+            acc.add(hs, min_adv=adv.amin(dims), max_adv=adv.amax(dims))
+            if codes is not None:
+                hist[hs] += _float_histogram(adv, zero.n_masked(qs, ks), codes.get(0, a.shape)).cpu().double()
+            wp = pos.mul_(a)  # attention on positive-advantage keys
+            torch.sum(wp, -1, out=rows.at("mass", hs, qs))
+            torch.amax(wp, -1, out=rows.at("wmax", hs, qs))
+            torch.amax(a, -1, out=rows.at("amax", hs, qs))
+            torch.sum(wp.mul_(adv), -1, out=rows.at("alpha_pos_adv", hs, qs))  # Σ_j α_ij A_ij [A_ij > 0]
+            torch.sum(adv.mul_(a), -1, out=rows.at("alpha_adv", hs, qs))
+            # |∂L/∂s_i·| per row: its total, largest entry and Σ g log2 g (g = 0 adds 0: log of a
             # clamped g; log2 costs about 60 % of log on CPU)
-            glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=aa).log2_().mul_(g).sum(-1)
-            ent = safe.log() - glogg * (math.log(2.0) / safe)
-            vals.update(
-                n_routing_queries=live.sum((0, 2)),
-                sum_top1_share=f64_rows(torch.where(live, g.amax(-1) / safe, 0)),
-                sum_effective_keys=f64_rows(torch.where(live, ent.exp(), 0)),
-            )
-            acc.add(hs, **vals)
-            del adv, aa, g
-        cat = acc.v
+            g = torch.abs(b.grad_scores[:, hs, qs, ks], out=adv)
+            torch.sum(g, -1, out=rows.at("tot", hs, qs))
+            torch.amax(g, -1, out=rows.at("gmax", hs, qs))
+            glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=pos).log2_().mul_(g)
+            torch.sum(glogg, -1, out=rows.at("glogg", hs, qs))
+        alpha_adv, tot = rows["alpha_adv"], rows["tot"]
+        live = (tot > 0) & qvb
+        safe = torch.where(tot > 0, tot, 1)
+        # entropy of p = g / tot: log tot − ln 2 · Σ g log2 g / tot
+        ent = safe.log() - rows["glogg"] * (math.log(2.0) / safe)
+        wmax = rows["wmax"]
         self.stats.add(
             b.layer,
             b.heads,
             n_entries=mask.sum(dims).expand(n_h),
             n_queries=qv.sum().expand(n_h),
-            **cat,
+            **acc.v,
+            n_positive=f64_rows(rows["n_positive"]),
+            sum_adv=f64_rows(rows["sum_adv"]),
+            sum_adv_sq=f64_rows(rows["sum_adv_sq"].square()),
+            sum_mass_positive=f64_rows(rows["mass"] * qv),
+            # a most-attended key of the row has A > 0 (any of them, under exact ties)
+            n_argmax_positive=((wmax >= rows["amax"]) & (wmax > 0) & qvb).sum((0, 2)),
+            sum_alpha_adv=f64_rows(alpha_adv * qv),
+            sum_abs_alpha_adv=f64_rows(alpha_adv.abs() * qv),
+            # Σ_j α_ij |A_ij| = 2 Σ_j α_ij A_ij [A_ij > 0] − Σ_j α_ij A_ij
+            sum_alpha_abs_adv=f64_rows((2 * rows["alpha_pos_adv"] - alpha_adv) * qv),
+            n_routing_queries=live.sum((0, 2)),
+            sum_top1_share=f64_rows(torch.where(live, rows["gmax"] / safe, 0)),
+            sum_effective_keys=f64_rows(torch.where(live, ent.exp(), 0)),
         )
         if self.histogram:
             self.hist[b.layer] = self.hist[b.layer] + hist if b.layer in self.hist else hist

@@ -5,11 +5,13 @@ Each statistic is a float64 vector over a layer's selected heads with a reductio
 across processes, gives the same result as one pass.
 
 The tiled reductions the [batch, head, query, key] accumulators share live here too
-(:func:`tiles`, :class:`PerHead`, :class:`Zeroer`): they keep temporaries cache-sized and skip the
-entries a causal mask leaves empty.
+(:func:`tiles`, :class:`Zeroer`, :class:`Scratch`, :class:`RowBuffers`, :class:`PerHead`): they keep
+temporaries cache-sized and reused, skip the entries a causal mask leaves empty, and are derived
+once per bundle when several accumulators read it.
 """
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,9 +69,30 @@ class HeadStats:
 # ---------------------------------------------------------------------------------------------
 
 
+def _derived(b: LayerBundle, name: str, make: Callable[[], Any]) -> Any:
+    """What ``make`` derives from a bundle's masks, made once per bundle and shared by the
+    accumulators it is handed to (a bundle given new masks, or a :meth:`~LayerBundle.sliced` copy,
+    derives its own)."""
+    memo = b.__dict__.setdefault("_derived", {})
+    got = memo.get(name)
+    if got is None or got[0] is not b.valid or got[1] is not b.query_valid or got[2] != b.pattern.shape:
+        got = memo[name] = (b.valid, b.query_valid, b.pattern.shape, make())
+    return got[3]
+
+
 def entry_mask(b: LayerBundle) -> Tensor:
     """Bool[batch, 1, query_pos, key_pos]: valid entries of valid query rows."""
-    return (b.valid & b.query_valid[:, :, None])[:, None]
+    return _derived(b, "entry_mask", lambda: (b.valid & b.query_valid[:, :, None])[:, None])
+
+
+def layer_tiles(b: LayerBundle) -> list[tuple[slice, slice, slice]]:
+    """:func:`tiles` of a bundle's pattern (made once per bundle)."""
+    return _derived(b, "tiles", lambda: tiles(b.pattern, b.valid))
+
+
+def zeroer(b: LayerBundle) -> "Zeroer":
+    """The bundle's :class:`Zeroer` (made once per bundle: its per-tile masks are shared)."""
+    return _derived(b, "zeroer", lambda: Zeroer(b, entry_mask(b)))
 
 
 def tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20, q_blocks: int = 8) -> list[tuple[slice, slice, slice]]:
@@ -101,23 +124,83 @@ def f64_rows(x: Tensor) -> Tensor:
 class Zeroer:
     """Zeroes the masked entries of a tile in place, as cheaply as is safe.
 
-    Multiplying by a 0/1 float mask is an order of magnitude faster on CPU than ``masked_fill_``
-    with a broadcast mask, but keeps a NaN. Autograd leaves NaN only where a whole row is masked
-    (softmax over no key); such rows exist only with padding, so layers with an invalid query row
-    take ``masked_fill_``.
+    Only the keys from the tile's first masked column on are touched (under a causal mask, the
+    diagonal block: the columns before it are valid for every query of the tile). Multiplying by a
+    0/1 float mask is an order of magnitude faster on CPU than ``masked_fill_`` with a broadcast
+    mask, but keeps a NaN and turns a negative value into −0 (``+ 0.0`` makes it +0). Autograd
+    leaves NaN only where a whole row is masked (softmax over no key); such rows exist only with
+    padding, so layers with an invalid query row take ``masked_fill_``.
     """
 
     def __init__(self, b: LayerBundle, mask: Tensor) -> None:
         self.mask = mask
         self.fast = bool(b.query_valid.all())
+        self._cols: dict[tuple[int, int, int], tuple[int, Tensor, int]] = {}
+        self._fill: dict[tuple[int, int, int, torch.dtype], Tensor] = {}
+
+    def _tail(self, qs: slice, ks: slice) -> tuple[int, Tensor, int]:
+        """(first masked column k0 relative to the tile, the mask's columns from k0 on, masked count)."""
+        key = (qs.start, qs.stop, ks.stop)
+        if key not in self._cols:
+            m = self.mask[:, :, qs, ks]
+            bad = (~m).any(0).any(0).any(0).nonzero()
+            k0 = int(bad[0]) if bad.numel() else m.shape[-1]
+            tail = m[..., k0:]
+            self._cols[key] = (k0, tail, tail.numel() - int(tail.sum()))
+        return self._cols[key]
+
+    def n_masked(self, qs: slice, ks: slice) -> int:
+        """Masked entries of one head's tile."""
+        return self._tail(qs, ks)[2]
 
     def tile(self, qs: slice, ks: slice, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-        m = self.mask[:, :, qs, ks]
+        k0, tail, n = self._tail(qs, ks)
+        if n == 0:
+            return lambda x: x
+        key = (qs.start, qs.stop, ks.stop, dtype)
+        if key not in self._fill:
+            self._fill[key] = tail.to(dtype) if self.fast else ~tail
+        fill = self._fill[key]
         if self.fast:
-            mf = m.to(dtype)
-            return lambda x: x.mul_(mf)
-        notm = ~m
-        return lambda x: x.masked_fill_(notm, 0)
+            return lambda x: (x[..., k0:].mul_(fill).add_(0.0), x)[1]
+        return lambda x: (x[..., k0:].masked_fill_(fill, 0), x)[1]
+
+
+class Scratch:
+    """Reusable temporaries for one layer's tiles: ``n`` flat buffers as large as the largest tile.
+
+    Allocating a fresh multi-megabyte temporary per tile costs page faults on CPU (each is a new
+    mapping); views of these buffers do not.
+    """
+
+    def __init__(self, like: Tensor, tile_list: list[tuple[slice, slice, slice]], n: int,
+                 dtype: torch.dtype | None = None) -> None:
+        b = like.shape[0]
+        size = max((b * (t[0].stop - t[0].start) * (t[1].stop - t[1].start) * t[2].stop for t in tile_list), default=0)
+        self.bufs = [like.new_empty(size, dtype=dtype or like.dtype) for _ in range(n)]
+
+    def get(self, i: int, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        return self.bufs[i][:n].view(shape)
+
+
+class RowBuffers:
+    """Per-row results of one layer's tiles, ``[batch, head, query]`` each, written in place.
+
+    Tile results go straight into their slice (``out=``), so each statistic costs one op per tile;
+    the reductions over rows run once per layer (:func:`f64_rows`, in float64).
+    """
+
+    def __init__(self, names: list[str], like: Tensor) -> None:
+        self.t = {n: like.new_zeros(like.shape[:3]) for n in names}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.t[name]
+
+    def at(self, name: str, hs: slice, qs: slice) -> Tensor:
+        return self.t[name][:, hs, qs]
 
 
 class PerHead:

@@ -46,7 +46,7 @@ from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
-from .headstats import HeadStats, PerHead, Zeroer, entry_mask, tiles
+from .headstats import HeadStats, PerHead, Scratch, layer_tiles, zeroer
 
 __all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance"]
 
@@ -221,19 +221,20 @@ class RoutingLawCheck:
         alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
         self.eps = max([self.eps] + [torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values)])
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
-        mask = entry_mask(b)
         dims = (0, 2, 3)
         acc = PerHead(len(b.heads), {k: "max" for k in ("res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "deficit")})
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
-        zero = Zeroer(b, mask)
+        zero = zeroer(b)
         q_real = None if zero.fast else b.query_valid[:, None, :].to(alpha.dtype)
-        law_h = u_h.new_zeros(*alpha.shape[:2], v_h.shape[2], u_h.shape[3])  # Σ_i α_ij u_i [batch, head, key, d]
-        for hs, qs, ks in tiles(alpha, b.valid):
+        law_t = u_h.new_zeros(*alpha.shape[:2], u_h.shape[3], v_h.shape[2])  # Σ_i u_i α_ij [batch, head, d, key]
+        tile_list = layer_tiles(b)
+        scratch = Scratch(alpha, tile_list, 2)
+        for hs, qs, ks in tile_list:
             a, zm = alpha[:, hs, qs, ks], zero.tile(qs, ks, alpha.dtype)
             g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
-            compat = torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2))  # b = u·v, recomputed
-            tmp = zm(torch.sub(g_p, compat).abs_())
-            res_p = tmp.amax(dims)
+            compat, tmp = scratch.get(0, a.shape), scratch.get(1, a.shape)
+            torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2), out=compat)  # b = u·v, recomputed
+            res_p = zm(torch.sub(g_p, compat, out=tmp).abs_()).amax(dims)
             max_p = zm(torch.abs(g_p, out=tmp)).amax(dims)
             torch.mul(a, compat, out=tmp)
             bbar = tmp.sum(-1, keepdim=True)
@@ -247,12 +248,11 @@ class RoutingLawCheck:
             acc.add(hs, res_s=res_s, max_s=max_s, res_p=res_p, max_p=max_p, rowsum=rowsum, row_scale=row_scale,
                     deficit=deficit)
             # ∂L/∂v_j = Σ_i α_ij u_i: the tiles cover every key a query may see (α = 0 elsewhere)
-            law_h[:, hs, ks] += torch.matmul(a.transpose(-1, -2), u_h[:, hs, qs])
-            del compat, tmp
+            law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), a)
         cat = acc.v
-        kv = torch.tensor(b.kv_heads, device=law_h.device)  # per query head, summed over each kv head's group
-        law_v = law_h.new_zeros(b.grad_values.shape).index_add_(2, kv, law_h.transpose(1, 2))
-        res_v_kv = law_v.sub_(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()
+        kv = torch.tensor(b.kv_heads, device=law_t.device)  # per query head, summed over each kv head's group
+        law_kv = law_t.new_zeros(law_t.shape[0], b.grad_values.shape[2], *law_t.shape[2:]).index_add_(1, kv, law_t)
+        res_v_kv = law_kv.permute(0, 3, 1, 2).sub(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()
         max_v_kv = b.grad_values.abs().amax(dim=(0, 1, 3)).double()
         complete = torch.tensor(b.group_complete, dtype=torch.float64)
         self.stats.add(

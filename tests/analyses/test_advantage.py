@@ -133,3 +133,62 @@ def test_undefined_figures_are_nan_and_to_dict_is_json(gen):
     assert len(d["heads"]) == 8 and d["n_bins"] == 2048
     h = d["histograms"][0]
     assert sum(h["counts"]) == adv.histograms[(h["layer"], h["head"])].sum() == d["heads"][0]["n_entries"]
+
+
+def _loop_stats_from_bundle(keep, head):
+    """Every figure of AdvantageStats by a loop over valid (query, key) entries of one head, with
+    b = u·v recomputed (independent of autograd's ∂L/∂α) and validity read from the mask."""
+    h = keep.heads.index(head)
+    advs, mass, argpos, aa, aabs, top1, eff = [], [], [], [], [], [], []
+    for bi in range(keep.pattern.shape[0]):
+        for q in range(keep.pattern.shape[2]):
+            if not keep.query_valid[bi, q]:
+                continue
+            keys = [k for k in range(keep.pattern.shape[3]) if keep.valid[bi, q, k]]
+            alpha = keep.pattern[bi, h, q, keys]
+            b = torch.stack([keep.grad_z[bi, q, h] @ keep.values[bi, k, h] for k in keys])
+            a = (alpha * b).sum() - b
+            advs += a.tolist()
+            mass.append(float(alpha[a > 0].sum()))
+            argpos.append(bool((a[alpha == alpha.max()] > 0).any()))
+            aa.append(float((alpha * a).sum()))
+            aabs.append(float((alpha * a.abs()).sum()))
+            g = (alpha * a).abs()
+            if g.sum() > 0:
+                p = g / g.sum()
+                top1.append(float(p.max()))
+                eff.append(math.exp(-float((p[p > 0] * p[p > 0].log()).sum())))
+    n = len(advs)
+    mean = sum(advs) / n
+    mean_q = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "n_entries": n, "n_queries": len(mass), "mean_adv": mean,
+        "std_adv": math.sqrt(sum((x - mean) ** 2 for x in advs) / n), "min_adv": min(advs), "max_adv": max(advs),
+        "frac_positive": sum(x > 0 for x in advs) / n, "mass_positive": mean_q(mass),
+        "argmax_positive": mean_q(argpos), "alpha_weighted_adv": mean_q(aa),
+        "mean_abs_alpha_weighted_adv": mean_q([abs(x) for x in aa]), "alpha_weighted_abs_adv": mean_q(aabs),
+        "n_routing_queries": len(top1), "routing_top1_share": mean_q(top1), "routing_effective_keys": mean_q(eff),
+    }
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_figure_matches_a_loop_over_several_tiles(gen, padded):
+    """33 positions make two query blocks (the second reaches past its diagonal block), left
+    padding makes invalid rows and keys: every column of the result against the loop."""
+    model = make_model(dtype=torch.float64, n_ctx=40)
+    tokens = torch.randint(0, 50, (3, 33), generator=gen)
+    mask = torch.ones(3, 33, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+        mask[2, :11] = 0
+    adv = AdvantageStats()
+    with capture(model, accumulators=[adv], keep=True) as cap:
+        cap.run(tokens, attention_mask=mask)
+        kept = cap.kept
+    df = adv.finalize().to_dataframe().set_index(["layer", "head"])
+    for layer, head in [(0, 0), (1, 3)]:
+        ref = _loop_stats_from_bundle(kept[layer], head)
+        row = df.loc[(layer, head)]
+        for k, v in ref.items():
+            assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        assert adv.finalize().histograms[(layer, head)].sum() == ref["n_entries"]
