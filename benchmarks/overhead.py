@@ -13,7 +13,7 @@ process, four ways:
 - ``naive``: what a user would do with TransformerLens alone: ``run_with_cache(incl_bwd=True)``
   on the four attention hooks, then the same statistics per layer from the cache.
 
-Printed: median wall time over the repeats (after one warm-up) and peak memory, as ratios against
+Printed: median wall time over the repeats (after ``--warmup`` untimed passes) and peak memory, as ratios against
 ``floor`` and ``plain`` measured in the same run. Peak memory on CPU is the process's peak resident set size
 (``ru_maxrss``); ``excess`` ratios compare the growth above the resident size just before the
 first pass (model and inputs already built), which isolates the pass's own allocations. On CUDA
@@ -21,7 +21,7 @@ it is ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/overhead.py [--reps 3] [--rounds 1] [--paired 0] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+    python benchmarks/overhead.py [--reps 3] [--warmup 3] [--rounds 1] [--paired 0] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
 
 ``--rounds R`` runs every mode's process R times, in turn, and reports the median of each ratio
 over the rounds (with the range of the time ratio): on a shared machine one floor process can
@@ -29,6 +29,12 @@ be 15 % slower than the next. ``--paired N`` also times N floor and capture pass
 in one process (``paired_floor_time_ratio``: the median of the N pair ratios, with their range),
 which a drift of the machine's speed over minutes cannot bias; memory is only measured in the
 separate processes.
+
+Why three warm-up passes: in a fresh process the first passes spend much of their time in page
+faults (every N²-sized tensor is a fresh mapping until the C allocator's thresholds settle). On
+the 2-core machine at 1 x 1024, the first three floor passes in one process took 2.13, 1.48 and
+1.02 million minor faults and 10.0, 7.2 and 6.7 s; after two capture passes more, floor passes took
+0.79-0.91 million and 6.0-6.5 s. With one warm-up the timed passes were still partly cold.
 
 A size with ``seq`` > 1024 uses the long-context model. ``--skip-naive`` leaves out the
 TransformerLens-alone mode (at 1 x 4096 it holds every layer's four N x N tensors and their gradients).
@@ -93,7 +99,7 @@ def _naive_step(model, tokens):
     return [acc.finalize() for acc in accs]
 
 
-def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
+def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int = 3) -> dict:
     import torch
 
     from bayesmanifold.hooks import capture
@@ -126,7 +132,7 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
         return [acc.finalize() for acc in accs]
 
     if mode == "paired":
-        return _paired(floor, ours, model, reps, device)
+        return _paired(floor, ours, model, reps, device, warmup)
     step = {"floor": floor, "plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -135,14 +141,14 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
     else:
         base = _rss_now()
     times = []
-    for i in range(reps + 1):
+    for i in range(warmup + reps):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        if i > 0:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
@@ -151,8 +157,8 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
     return {"time": statistics.median(times), "peak": peak, "base": base}
 
 
-def _paired(floor, ours, model, reps: int, device: str) -> dict:
-    """Floor and capture passes alternated in one process (after one warm-up of each): the ratio
+def _paired(floor, ours, model, reps: int, device: str, warmup: int) -> dict:
+    """Floor and capture passes alternated in one process (after ``warmup`` of each): the ratio
     of each adjacent pair, so that a drift of the machine's speed falls on both sides of it."""
     import torch
 
@@ -175,7 +181,8 @@ def _paired(floor, ours, model, reps: int, device: str) -> dict:
             for p, f in zip(model.parameters(), flags):
                 p.requires_grad_(f)
 
-    timed(frozen_floor), timed(ours)
+    for _ in range(warmup):
+        timed(frozen_floor), timed(ours)
     pairs = []
     for i in range(reps):
         # alternate which side goes first, so that neither always follows the other
@@ -190,8 +197,9 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure(mode: str, batch: int, seq: int, reps: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--sizes", f"{batch}x{seq}", "--reps", str(reps), "--device", device]
+def _measure(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--sizes", f"{batch}x{seq}", "--reps", str(reps), "--device", device,
+           "--warmup", str(warmup)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -227,6 +235,8 @@ def _row(batch: int, seq: int, m: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed passes first in every process (the C allocator's page faults settle over the first few)")
     ap.add_argument("--rounds", type=int, default=1, help="run every mode's process this many times, in turn; report medians")
     ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
@@ -239,7 +249,7 @@ def main(argv=None) -> int:
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     if args.worker:
         (batch, seq), = sizes
-        print(json.dumps(_worker(args.worker, batch, seq, args.reps, args.device)))
+        print(json.dumps(_worker(args.worker, batch, seq, args.reps, args.device, args.warmup)))
         return 0
     results = []
     for batch, seq in sizes:
@@ -247,13 +257,13 @@ def main(argv=None) -> int:
         # each round runs every mode once, in turn, each in its own process: drift of the machine
         # (other load, frequency) then falls on every mode alike, and the median over rounds of
         # each ratio is reported with its range
-        rounds = [_row(batch, seq, {mode: _measure(mode, batch, seq, args.reps, args.device) for mode in modes})
+        rounds = [_row(batch, seq, {mode: _measure(mode, batch, seq, args.reps, args.device, args.warmup) for mode in modes})
                   for _ in range(args.rounds)]
         row = {k: (statistics.median(r[k] for r in rounds) if isinstance(v, float) else v) for k, v in rounds[0].items()}
         if args.rounds > 1:
             row["rounds"] = rounds
         if args.paired:
-            pairs = _measure("paired", batch, seq, args.paired, args.device)["pairs"]
+            pairs = _measure("paired", batch, seq, args.paired, args.device, args.warmup)["pairs"]
             ratios = [c / f for f, c in pairs]
             row.update(paired_floor_time_ratio=statistics.median(ratios), paired_ratio_min=min(ratios),
                        paired_ratio_max=max(ratios), paired_seconds=pairs)
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
     if args.json:
         from bayesmanifold.io import atomic_write_json
 
-        atomic_write_json(args.json, {"device": args.device, "reps": args.reps, "rounds": args.rounds, "sizes": results})
+        atomic_write_json(args.json, {"device": args.device, "reps": args.reps, "warmup": args.warmup, "rounds": args.rounds, "sizes": results})
     return 0
 
 
