@@ -140,16 +140,7 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_now()
-    times = []
-    for i in range(warmup + reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = [_timed(step, device) for _ in range(warmup + reps)][warmup:]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -157,19 +148,24 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
     return {"time": statistics.median(times), "peak": peak, "base": base}
 
 
+def _timed(fn, device: str) -> float:
+    """Wall time of one call (CUDA work included)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _paired(floor, ours, model, reps: int, device: str, warmup: int) -> dict:
     """Floor and capture passes alternated in one process (after ``warmup`` of each): the ratio
     of each adjacent pair, so that a drift of the machine's speed falls on both sides of it."""
-    import torch
-
     def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return _timed(fn, device)
 
     def frozen_floor() -> None:
         flags = [p.requires_grad for p in model.parameters()]
