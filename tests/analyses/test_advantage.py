@@ -192,3 +192,24 @@ def test_every_figure_matches_a_loop_over_several_tiles(gen, padded):
         for k, v in ref.items():
             assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
         assert adv.finalize().histograms[(layer, head)].sum() == ref["n_entries"]
+
+
+def test_derived_masks_are_shared_and_follow_the_bundle(gen):
+    """Masks and tiles are derived once per bundle for every accumulator, and derived again for a
+    bundle whose masks change or for a sliced copy."""
+    from bayesmanifold.analyses.headstats import entry_mask, layer_tiles, zeroer
+
+    model = make_model(dtype=torch.float64)
+    tokens = torch.randint(0, 50, (2, 9), generator=gen)
+    with capture(model, keep=True) as cap:
+        cap.run(tokens)
+        b = cap.kept[0]
+    assert layer_tiles(b) is layer_tiles(b) and zeroer(b) is zeroer(b)
+    full = entry_mask(b)
+    assert full.sum() == 2 * 9 * 10 // 2  # causal: 45 entries per sequence
+    b.valid = b.valid.clone()
+    b.valid[:, :, 0] = False  # no query may see key 0 any more
+    assert entry_mask(b) is not full and entry_mask(b).sum() == full.sum() - 2 * 9
+    assert zeroer(b).n_masked(slice(0, 9), slice(0, 9)) == 2 * (81 - 45 + 9)
+    part = b.sliced(slice(0, 4))
+    assert entry_mask(part).shape[2] == 4
