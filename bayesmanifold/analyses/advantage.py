@@ -79,7 +79,7 @@ def _float_histogram(adv: Tensor, n_masked: int = 0, out: Tensor | None = None) 
     n_h = adv.shape[1]
     x = adv if adv.dtype == torch.float32 else adv.float()
     # in [-1024, 1023]: negative floats have the sign bit set
-    idx = torch.bitwise_right_shift(x.view(torch.int32), 21, out=out) if out is not None else x.view(torch.int32) >> 21
+    idx = torch.bitwise_right_shift(x.view(torch.int32), 21, out=out)
     idx += torch.arange(n_h, device=adv.device, dtype=torch.int32)[None, :, None, None] * (2 * _N_MAG) + _N_MAG
     counts = torch.bincount(idx.flatten(), minlength=n_h * 2 * _N_MAG).view(n_h, 2 * _N_MAG)
     counts[:, _N_MAG] -= n_masked

@@ -10,6 +10,7 @@ temporaries cache-sized and reused, skip the entries a causal mask leaves empty,
 once per bundle when several accumulators read it.
 """
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,10 +181,7 @@ class Scratch:
         self.bufs = [like.new_empty(size, dtype=dtype or like.dtype) for _ in range(n)]
 
     def get(self, i: int, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        return self.bufs[i][:n].view(shape)
+        return self.bufs[i][:math.prod(shape)].view(shape)
 
 
 class RowBuffers:
