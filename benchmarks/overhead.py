@@ -164,26 +164,19 @@ def _timed(fn, device: str) -> float:
 def _paired(floor, ours, model, reps: int, device: str, warmup: int) -> dict:
     """Floor and capture passes alternated in one process (after ``warmup`` of each): the ratio
     of each adjacent pair, so that a drift of the machine's speed falls on both sides of it."""
-    def timed(fn) -> float:
-        return _timed(fn, device)
+    from bayesmanifold.hooks.grad_scope import weights_frozen
 
     def frozen_floor() -> None:
-        flags = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
+        with weights_frozen(model):
             floor()
-        finally:
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
 
     for _ in range(warmup):
-        timed(frozen_floor), timed(ours)
+        _timed(frozen_floor, device), _timed(ours, device)
     pairs = []
     for i in range(reps):
         # alternate which side goes first, so that neither always follows the other
         first, second = (frozen_floor, ours) if i % 2 == 0 else (ours, frozen_floor)
-        a, b = timed(first), timed(second)
+        a, b = _timed(first, device), _timed(second, device)
         pairs.append((a, b) if i % 2 == 0 else (b, a))
     return {"pairs": pairs}
 
