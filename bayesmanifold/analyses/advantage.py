@@ -28,7 +28,6 @@ from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from .headstats import (
     HeadStats,
-    PerHead,
     RowBuffers,
     Scratch,
     entry_mask,
@@ -192,9 +191,8 @@ class AdvantageStats:
         qv = qvb.to(b.pattern.dtype)
         dims = (0, 2, 3)
         n_h = len(b.heads)
-        acc = PerHead(n_h, {"min_adv": "min", "max_adv": "max"})
-        rows = RowBuffers(["n_positive", "sum_adv", "sum_adv_sq", "mass", "alpha_adv", "alpha_pos_adv", "wmax", "amax",
-                           "tot", "gmax", "glogg"], b.pattern)
+        rows = RowBuffers(["n_positive", "sum_adv", "sum_adv_sq", "min_adv", "max_adv", "mass", "alpha_adv", "alpha_pos_adv",
+                           "wmax", "amax", "tot", "gmax", "glogg"], b.pattern)
         hist = torch.zeros(n_h, 2 * _N_MAG, dtype=torch.float64)
         tile_list = layer_tiles(b)
         scratch = Scratch(b.pattern, tile_list, 2)
@@ -216,7 +214,8 @@ class AdvantageStats:
             torch.sum(pos, -1, out=rows.at("n_positive", hs, qs))
             torch.sum(adv, -1, out=rows.at("sum_adv", hs, qs))
             torch.linalg.vector_norm(adv, dim=-1, out=rows.at("sum_adv_sq", hs, qs))  # squared below
-            acc.add(hs, min_adv=adv.amin(dims), max_adv=adv.amax(dims))
+            torch.amin(adv, -1, out=rows.at("min_adv", hs, qs))
+            torch.amax(adv, -1, out=rows.at("max_adv", hs, qs))
             if codes is not None:
                 hist[hs] += _float_histogram(adv, zero.n_masked(qs, ks), codes.get(0, a.shape)).cpu().double()
             wp = pos.mul_(a)  # attention on positive-advantage keys
@@ -243,7 +242,8 @@ class AdvantageStats:
             b.heads,
             n_entries=mask.sum(dims).expand(n_h),
             n_queries=qv.sum().expand(n_h),
-            **acc.v,
+            min_adv=rows["min_adv"].amin((0, 2)),
+            max_adv=rows["max_adv"].amax((0, 2)),
             n_positive=f64_rows(rows["n_positive"]),
             sum_adv=f64_rows(rows["sum_adv"]),
             sum_adv_sq=f64_rows(rows["sum_adv_sq"].square()),

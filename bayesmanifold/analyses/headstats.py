@@ -5,7 +5,7 @@ Each statistic is a float64 vector over a layer's selected heads with a reductio
 across processes, gives the same result as one pass.
 
 The tiled reductions the [batch, head, query, key] accumulators share live here too
-(:func:`tiles`, :class:`Zeroer`, :class:`Scratch`, :class:`RowBuffers`, :class:`PerHead`): they keep
+(:func:`tiles`, :class:`Zeroer`, :class:`Scratch`, :class:`RowBuffers`): they keep
 temporaries cache-sized and reused, skip the entries a causal mask leaves empty, and are derived
 once per bundle when several accumulators read it.
 """
@@ -200,18 +200,3 @@ class RowBuffers:
     def at(self, name: str, hs: slice, qs: slice) -> Tensor:
         return self.t[name][:, hs, qs]
 
-
-class PerHead:
-    """Per-head running reductions over the tiles of one layer (sum / max / min), float64 on CPU."""
-
-    def __init__(self, n_h: int, kinds: dict[str, str]) -> None:
-        init = {"sum": 0.0, "max": -float("inf"), "min": float("inf")}
-        self.kinds = kinds
-        self.v = {k: torch.full((n_h,), init[r], dtype=torch.float64) for k, r in kinds.items()}
-
-    def add(self, hs: slice, **vals: Tensor) -> None:
-        for k, x in vals.items():
-            x = x.detach().to("cpu", torch.float64)
-            cur = self.v[k][hs]
-            r = self.kinds[k]
-            self.v[k][hs] = cur + x if r == "sum" else torch.maximum(cur, x) if r == "max" else torch.minimum(cur, x)

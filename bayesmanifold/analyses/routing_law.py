@@ -46,7 +46,7 @@ from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
-from .headstats import HeadStats, PerHead, Scratch, layer_tiles, zeroer
+from .headstats import HeadStats, RowBuffers, Scratch, layer_tiles, zeroer
 
 __all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance"]
 
@@ -221,11 +221,10 @@ class RoutingLawCheck:
         alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
         self.eps = max([self.eps] + [torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values)])
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
-        dims = (0, 2, 3)
-        acc = PerHead(len(b.heads), {k: "max" for k in ("res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "deficit")})
+        # per-row results [batch, head, query], one op per statistic per tile, reduced once per layer
+        rows = RowBuffers(["res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "alpha_sum"], alpha)
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         zero = zeroer(b)
-        q_real = None if zero.fast else b.query_valid[:, None, :].to(alpha.dtype)
         law_t = u_h.new_zeros(*alpha.shape[:2], u_h.shape[3], v_h.shape[2])  # Σ_i u_i α_ij [batch, head, d, key]
         tile_list = layer_tiles(b)
         scratch = Scratch(alpha, tile_list, 2)
@@ -234,22 +233,25 @@ class RoutingLawCheck:
             g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
             compat, tmp = scratch.get(0, a.shape), scratch.get(1, a.shape)
             torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2), out=compat)  # b = u·v, recomputed
-            res_p = zm(torch.sub(g_p, compat, out=tmp).abs_()).amax(dims)
-            max_p = zm(torch.abs(g_p, out=tmp)).amax(dims)
+            torch.amax(zm(torch.sub(g_p, compat, out=tmp).abs_()), -1, out=rows.at("res_p", hs, qs))
+            torch.amax(zm(torch.abs(g_p, out=tmp)), -1, out=rows.at("max_p", hs, qs))
             torch.mul(a, compat, out=tmp)
             bbar = tmp.sum(-1, keepdim=True)
-            row_scale = tmp.abs_().sum(-1).amax((0, 2))  # max_i Σ_j α_ij |b_ij|
+            torch.sum(tmp.abs_(), -1, out=rows.at("row_scale", hs, qs))  # Σ_j α_ij |b_ij|
             # ∂L/∂s and α(b − b̄) are both exactly 0 at masked keys (α = 0): no masking needed
-            res_s = compat.sub_(bbar).mul_(a).sub_(g_s).abs_().amax(dims)  # |∂L/∂s − α(b − b̄)|
-            max_s = torch.abs(g_s, out=tmp).amax(dims)
-            rowsum = g_s.sum(-1).abs_().amax((0, 2))  # keys past the tile are masked: 0 there
-            dev = a.sum(-1).sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded below
-            deficit = (dev if q_real is None else dev.mul_(q_real[:, :, qs])).amax((0, 2))
-            acc.add(hs, res_s=res_s, max_s=max_s, res_p=res_p, max_p=max_p, rowsum=rowsum, row_scale=row_scale,
-                    deficit=deficit)
+            torch.amax(compat.sub_(bbar).mul_(a).sub_(g_s).abs_(), -1, out=rows.at("res_s", hs, qs))  # |∂L/∂s − α(b − b̄)|
+            torch.amax(torch.abs(g_s, out=tmp), -1, out=rows.at("max_s", hs, qs))
+            torch.sum(g_s, -1, out=rows.at("rowsum", hs, qs))  # keys past the tile are masked: 0 there
+            torch.sum(a, -1, out=rows.at("alpha_sum", hs, qs))
             # ∂L/∂v_j = Σ_i α_ij u_i: the tiles cover every key a query may see (α = 0 elsewhere)
             law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), a)
-        cat = acc.v
+        dev = rows["alpha_sum"].sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded
+        if not zero.fast:
+            dev.mul_(b.query_valid[:, None, :].to(dev.dtype))
+        top = lambda x: x.amax((0, 2)).to("cpu", torch.float64)  # noqa: E731  (max over batch and queries)
+        cat = {"res_s": top(rows["res_s"]), "max_s": top(rows["max_s"]), "res_p": top(rows["res_p"]),
+               "max_p": top(rows["max_p"]), "rowsum": top(rows["rowsum"].abs_()), "row_scale": top(rows["row_scale"]),
+               "deficit": top(dev)}
         kv = torch.tensor(b.kv_heads, device=law_t.device)  # per query head, summed over each kv head's group
         law_kv = law_t.new_zeros(law_t.shape[0], b.grad_values.shape[2], *law_t.shape[2:]).index_add_(1, kv, law_t)
         res_v_kv = law_kv.permute(0, 3, 1, 2).sub(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()

@@ -174,3 +174,56 @@ def test_batch_or_tokens_one_or_many(gen):
     d = json.loads(json.dumps(many.to_dict()))
     assert d["holds"] is True and d["n_tested"] == 8 and len(d["heads"]) == 8
     assert many.summary() == many.to_dict()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_residual_matches_the_full_tensors_over_several_tiles(gen, padded):
+    """33 positions make three query blocks whose tiles stop at their last visible key, and left
+    padding makes invalid rows and keys. Autograd's gradients are perturbed (∂L/∂α everywhere,
+    masked entries included; ∂L/∂s at valid entries; ∂L/∂v) so that every residual is a number
+    to compare, not rounding: every accumulated figure against the whole tensors."""
+
+    class Perturbed(RoutingLawCheck):
+        def update(self, b):
+            g = torch.Generator().manual_seed(b.layer)
+            noise = lambda t: 1e-3 * torch.randn(t.shape, generator=g, dtype=t.dtype)  # noqa: E731
+            m = (b.valid & b.query_valid[:, :, None])[:, None]
+            b.grad_pattern = b.grad_pattern + noise(b.grad_pattern)
+            b.grad_scores = b.grad_scores + noise(b.grad_scores) * m
+            b.grad_values = b.grad_values + noise(b.grad_values)
+            super().update(b)
+
+    model = make_model(dtype=torch.float64, n_ctx=40)
+    tokens = torch.randint(0, 50, (3, 33), generator=gen)
+    mask = torch.ones(3, 33, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+        mask[2, :11] = 0
+    check = Perturbed()
+    with capture(model, accumulators=[check], keep=True) as cap:
+        cap.run(tokens, attention_mask=mask)
+        kept = cap.kept  # kept after the update: the perturbed gradients
+    verdicts = {(r["layer"], r["head"]): r for r in check.finalize().rows}
+    rows = {(layer, h): s for layer, h, s in check.stats.rows()}  # every accumulated figure
+    for layer, b in kept.items():
+        m = b.valid & b.query_valid[:, :, None]  # [batch, query, key]
+        for h in b.heads:
+            a, gs, gp = b.pattern[:, h], b.grad_scores[:, h], b.grad_pattern[:, h]
+            u, v = b.grad_z[:, :, h], b.values[:, :, h]
+            compat = u @ v.transpose(-1, -2)
+            bbar = (a * compat).sum(-1, keepdim=True)
+            ref = {
+                "max_abs_residual_dpattern": (gp - compat).abs()[m].max(),
+                "max_abs_dpattern": gp.abs()[m].max(),
+                "max_abs_residual_dscores": (a * (compat - bbar) - gs).abs().max(),
+                "max_abs_dscores": gs.abs().max(),
+                "max_abs_rowsum_dscores": gs.sum(-1).abs().max(),
+                "max_row_scale": (a * compat).abs().sum(-1).max(),
+                "max_abs_residual_dvalues": (a.transpose(-1, -2) @ u - b.grad_values[:, :, h]).abs().max(),
+                "max_abs_dvalues": b.grad_values[:, :, h].abs().max(),
+            }
+            row = rows[(layer, h)]
+            for k, want in ref.items():
+                assert row[k] == pytest.approx(float(want), rel=1e-9), (layer, h, k)
+            assert row["max_pattern_row_deficit"] == pytest.approx(float((a.sum(-1) - 1).abs()[b.query_valid].max()), abs=1e-15)
+            assert row["max_abs_residual_dscores"] > 1e-5 and not verdicts[(layer, h)]["holds"]
