@@ -120,3 +120,20 @@ def hook_count(model) -> int:
         n += len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
         n += len(getattr(m, "_backward_pre_hooks", {}))
     return n + torch._C._len_torch_function_stack()
+
+
+def run_over_several_tiles(gen, accumulator, padded: bool) -> dict:
+    """Capture ``accumulator`` on 3 sequences of 33 positions of a float64 model, left-padded (rows 0
+    and 2) if ``padded``; return the kept bundles. 33 positions make three query blocks of the
+    statistics' tiles, each reaching only its last visible key."""
+    from bayesmanifold.hooks import capture
+
+    model = make_model(dtype=torch.float64, n_ctx=40)
+    tokens = torch.randint(0, 50, (3, 33), generator=gen)
+    mask = torch.ones(3, 33, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0
+        mask[2, :11] = 0
+    with capture(model, accumulators=[accumulator], keep=True) as cap:
+        cap.run(tokens, attention_mask=mask)
+        return cap.kept

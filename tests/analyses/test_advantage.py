@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_model
+from helpers import make_model, run_over_several_tiles
 
 from bayesmanifold.analyses import AdvantageStats, RoutingLawCheck, verify_routing_law
 from bayesmanifold.errors import InputError
@@ -173,18 +173,10 @@ def _loop_stats_from_bundle(keep, head):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_every_figure_matches_a_loop_over_several_tiles(gen, padded):
-    """33 positions make two query blocks (the second reaches past its diagonal block), left
-    padding makes invalid rows and keys: every column of the result against the loop."""
-    model = make_model(dtype=torch.float64, n_ctx=40)
-    tokens = torch.randint(0, 50, (3, 33), generator=gen)
-    mask = torch.ones(3, 33, dtype=torch.long)
-    if padded:
-        mask[0, :5] = 0
-        mask[2, :11] = 0
+    """33 positions make three query blocks (each reaching past its diagonal block only to its last
+    visible key), left padding makes invalid rows and keys: every column of the result against the loop."""
     adv = AdvantageStats()
-    with capture(model, accumulators=[adv], keep=True) as cap:
-        cap.run(tokens, attention_mask=mask)
-        kept = cap.kept
+    kept = run_over_several_tiles(gen, adv, padded)
     df = adv.finalize().to_dataframe().set_index(["layer", "head"])
     for layer, head in [(0, 0), (1, 3)]:
         ref = _loop_stats_from_bundle(kept[layer], head)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import hook_count, make_model
+from helpers import hook_count, make_model, run_over_several_tiles
 
 from bayesmanifold.analyses import RoutingLawCheck, verify_routing_law
 from bayesmanifold.analyses.routing_law import law_tolerance
@@ -193,16 +193,8 @@ def test_every_residual_matches_the_full_tensors_over_several_tiles(gen, padded)
             b.grad_values = b.grad_values + noise(b.grad_values)
             super().update(b)
 
-    model = make_model(dtype=torch.float64, n_ctx=40)
-    tokens = torch.randint(0, 50, (3, 33), generator=gen)
-    mask = torch.ones(3, 33, dtype=torch.long)
-    if padded:
-        mask[0, :5] = 0
-        mask[2, :11] = 0
     check = Perturbed()
-    with capture(model, accumulators=[check], keep=True) as cap:
-        cap.run(tokens, attention_mask=mask)
-        kept = cap.kept  # kept after the update: the perturbed gradients
+    kept = run_over_several_tiles(gen, check, padded)  # kept after the update: the perturbed gradients
     verdicts = {(r["layer"], r["head"]): r for r in check.finalize().rows}
     rows = {(layer, h): s for layer, h, s in check.stats.rows()}  # every accumulated figure
     for layer, b in kept.items():
