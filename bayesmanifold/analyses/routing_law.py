@@ -221,7 +221,6 @@ class RoutingLawCheck:
         alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
         self.eps = max([self.eps] + [torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values)])
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
-        # per-row results [batch, head, query], one op per statistic per tile, reduced once per layer
         rows = RowBuffers(["res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "alpha_sum"], alpha)
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         zero = zeroer(b)
@@ -248,10 +247,8 @@ class RoutingLawCheck:
         dev = rows["alpha_sum"].sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded
         if not zero.fast:
             dev.mul_(b.query_valid[:, None, :].to(dev.dtype))
-        top = lambda x: x.amax((0, 2)).to("cpu", torch.float64)  # noqa: E731  (max over batch and queries)
-        cat = {"res_s": top(rows["res_s"]), "max_s": top(rows["max_s"]), "res_p": top(rows["res_p"]),
-               "max_p": top(rows["max_p"]), "rowsum": top(rows["rowsum"].abs_()), "row_scale": top(rows["row_scale"]),
-               "deficit": top(dev)}
+        per_row = {**rows.t, "rowsum": rows["rowsum"].abs_(), "deficit": dev}  # per head: max over batch, queries
+        cat = {k: x.amax((0, 2)).to("cpu", torch.float64) for k, x in per_row.items() if k != "alpha_sum"}
         kv = torch.tensor(b.kv_heads, device=law_t.device)  # per query head, summed over each kv head's group
         law_kv = law_t.new_zeros(law_t.shape[0], b.grad_values.shape[2], *law_t.shape[2:]).index_add_(1, kv, law_t)
         res_v_kv = law_kv.permute(0, 3, 1, 2).sub(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()
