@@ -103,12 +103,10 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
     import torch
 
     from bayesmanifold.hooks import capture
+    from bayesmanifold.hooks.grad_scope import weights_frozen
 
     model = _build(device, seq)
     tokens = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    if mode == "floor":
-        for p in model.parameters():
-            p.requires_grad_(False)
 
     def floor():
         leaf = {}
@@ -117,9 +115,10 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
             leaf["x"] = t.detach().requires_grad_(True)
             return leaf["x"]
 
-        with model.hooks(fwd_hooks=[("hook_embed", start)]):
-            loss = model(tokens, return_type="loss")
-        torch.autograd.grad(loss, [leaf["x"]])
+        with weights_frozen(model):  # no weight gradients, nor the activations they would need
+            with model.hooks(fwd_hooks=[("hook_embed", start)]):
+                loss = model(tokens, return_type="loss")
+            torch.autograd.grad(loss, [leaf["x"]])
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -132,7 +131,7 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
         return [acc.finalize() for acc in accs]
 
     if mode == "paired":
-        return _paired(floor, ours, model, reps, device, warmup)
+        return _paired(floor, ours, reps, device, warmup)
     step = {"floor": floor, "plain": plain, "capture": ours, "naive": lambda: _naive_step(model, tokens)}[mode]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -161,21 +160,16 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _paired(floor, ours, model, reps: int, device: str, warmup: int) -> dict:
+def _paired(floor, ours, reps: int, device: str, warmup: int) -> dict:
     """Floor and capture passes alternated in one process (after ``warmup`` of each): the ratio
     of each adjacent pair, so that a drift of the machine's speed falls on both sides of it."""
-    from bayesmanifold.hooks.grad_scope import weights_frozen
-
-    def frozen_floor() -> None:
-        with weights_frozen(model):
-            floor()
-
     for _ in range(warmup):
-        _timed(frozen_floor, device), _timed(ours, device)
+        _timed(floor, device)
+        _timed(ours, device)
     pairs = []
     for i in range(reps):
         # alternate which side goes first, so that neither always follows the other
-        first, second = (frozen_floor, ours) if i % 2 == 0 else (ours, frozen_floor)
+        first, second = (floor, ours) if i % 2 == 0 else (ours, floor)
         a, b = _timed(first, device), _timed(second, device)
         pairs.append((a, b) if i % 2 == 0 else (b, a))
     return {"pairs": pairs}
