@@ -112,7 +112,7 @@ def train_runs(
     procs: list[WorkerProcess] = []
     before = torch.get_num_threads()
     try:
-        for g in groups[1:]:
+        for g in groups[1:]:  # one at a time: if one fails to start, those started are killed below
             procs.append(WorkerProcess(job(g)))
         if procs:
             torch.set_num_threads(1)
