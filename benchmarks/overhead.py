@@ -21,12 +21,12 @@ it is ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
-    python benchmarks/overhead.py [--reps 3] [--warmup 3] [--rounds 1] [--paired 0] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
+    python benchmarks/overhead.py [--reps 3] [--warmup 3] [--rounds 1] [--paired 8] [--sizes 4x256,1x1024,1x4096] [--device cpu] [--json PATH]
 
 ``--rounds R`` runs every mode's process R times, in turn, and reports the median of each ratio
 over the rounds (with the range of the time ratio): on a shared machine one floor process can
-be 15 % slower than the next. ``--paired N`` also times N floor and capture passes alternated
-in one process (``paired_floor_time_ratio``: the median of the N pair ratios, with their range),
+be 15 % slower than the next. ``--paired N`` (8 by default; 0: none) also times N floor and
+capture passes alternated in one process (``paired_floor_time_ratio``: the median of the N pair ratios, with their range),
 which a drift of the machine's speed over minutes cannot bias; memory is only measured in the
 separate processes.
 
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="run every mode's process this many times, in turn; report medians")
     ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
-    ap.add_argument("--paired", type=int, default=0, metavar="N",
+    ap.add_argument("--paired", type=int, default=8, metavar="N",
                     help="also time N floor/capture pairs alternated in one process (0: none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="PATH")
