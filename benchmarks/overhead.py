@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="4x256,1x1024,1x4096", help="comma-separated BATCHxSEQ")
     ap.add_argument("--skip-naive", action="store_true", help="leave out the TransformerLens-alone mode")
     ap.add_argument("--paired", type=int, default=8, metavar="N",
-                    help="also time N floor/capture pairs alternated in one process (0: none)")
+                    help="also time N floor/capture pairs alternated in one process (default 8; 0: none)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
