@@ -24,7 +24,8 @@ _WHERE = {
     "capture": ".hooks",
     "Batch": ".hooks",
     "LayerBundle": ".hooks",
-    "load_model": ".hooks",
+    "load_model": ".models.target",  # open_model under its familiar name
+    "open_target": ".models.target",
     "BayesManifoldError": ".errors",
     # the measurements: accumulators for capture, and their one-call forms
     "RoutingLawCheck": ".analyses",
@@ -53,13 +54,16 @@ _WHERE = {
     "measure_calibration": ".windtunnels.calibration",
 }
 
+# public name -> the name in its module, where they differ
+_RENAMED = {"load_model": "open_model"}
+
 __all__ = list(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'bayesmanifold' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    value = getattr(importlib.import_module(_WHERE[name], __name__), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 

@@ -92,7 +92,7 @@ def make_model(dtype=torch.float64, seed=0, **overrides):
         cfg["d_mlp"] = None
     if not HAS_HOOKED:
         from bayesmanifold.errors import ModelError
-        from bayesmanifold.hooks.bridge_loading import build_native
+        from bayesmanifold.backends.bridge_loading import build_native
 
         with torch.random.fork_rng(devices=[]):
             try:

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..errors import InputError
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
 from ..hooks.interventions import ablated_head

@@ -25,8 +25,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import InputError
-from ..hooks.access import model_access
-from ..hooks.batch import Batch, Positions, position_mask
+from ..backends import model_access
+from ..backends.batch import Batch, Positions, position_mask
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from .stats import entropy
@@ -253,7 +253,7 @@ def attention_entropy(
         batches: a token tensor, or an iterable of tensors / :class:`Batch` values /
             ``(tokens, attention_mask)`` / ``(tokens, attention_mask, positions)`` tuples / dicts
             with those keys.
-        positions: query positions (see :func:`bayesmanifold.hooks.batch.position_mask`), used
+        positions: query positions (see :func:`bayesmanifold.backends.batch.position_mask`), used
             when a batch gives none.
     """
     access = model_access(model)

@@ -42,8 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
-from ..hooks.access import model_access
-from ..hooks.loading import load_fitting_state_dict
+from ..backends import model_access
 from .stats import settling_step, stabilization_step
 
 if TYPE_CHECKING:
@@ -364,7 +363,7 @@ def replay(
             raise CheckpointError(f"could not load snapshot {str(path)!r}: {type(exc).__name__}: {exc}") from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
-        load_fitting_state_dict(work, sd, f"snapshot {str(path)!r}")
+        model_access(work).load_state_dict(sd, f"snapshot {str(path)!r}")
         monitor.record(work, step)
     del work
     return monitor.result()

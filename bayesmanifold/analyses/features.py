@@ -28,8 +28,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import InputError
-from ..hooks.access import model_access
-from ..hooks.batch import Batch, Positions, position_mask
+from ..backends import model_access
+from ..backends.batch import Batch, Positions, position_mask
 from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
 from .manifold import ManifoldAccumulator, ManifoldResult
@@ -214,7 +214,7 @@ def collect_features(
         kind: ``"values"``, ``"values_concat"``, ``"head_outputs"`` or ``"residual"`` (module docstring).
         layer: layer index (negative counts from the end).
         head: query head for ``"values"`` / ``"head_outputs"``.
-        positions: see :func:`bayesmanifold.hooks.batch.position_mask` ("last", "all", int, list,
+        positions: see :func:`bayesmanifold.backends.batch.position_mask` ("last", "all", int, list,
             Int[batch], Bool[batch, pos]).
         attention_mask: optional padding mask (1 = real token).
 
@@ -282,7 +282,7 @@ def value_manifold(
     """Stream batches through the model (one forward-only pass each), collect features, run the PCA.
 
     Args:
-        batches: an iterable of :class:`~bayesmanifold.hooks.batch.Batch` values (the scalar is
+        batches: an iterable of :class:`~bayesmanifold.backends.batch.Batch` values (the scalar is
             ``batch.labels[label]``; without ``batch.positions``, ``positions`` applies), of token
             tensors, of ``(tokens, scalar)`` pairs where ``scalar`` is one number per selected
             position (row-major order), or of ``(tokens, scalar, positions)`` triples.

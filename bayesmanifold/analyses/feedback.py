@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..hooks import next_token_loss
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..hooks.interventions import parameter_names, stepped_copy
 from .stats import pearson
 from .value_updates import check_lr, kept_bundles

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import capture
-from ..hooks.access import model_access
-from ..hooks.batch import Batch
+from ..backends import model_access
+from ..backends.batch import Batch
 from ..hooks.bundle import LayerBundle
 
 __all__ = ["InductionAccumulator", "InductionResult", "induction_scores", "repeated_random_tokens", "induction_targets",

@@ -34,8 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import InputError
-from ..hooks.access import model_access
-from ..hooks.loading import fresh_like
+from ..backends import model_access
 
 __all__ = ["mean_offdiag_cosine", "KeyOrthogonalityResult", "key_orthogonality"]
 
@@ -216,7 +215,7 @@ def key_orthogonality(
     gauss = float(mean_offdiag_cosine(torch.randn(shape, generator=gen, dtype=torch.float64), absolute=absolute).mean())
     rnd = None
     if random_init_baseline:
-        fresh = model_access(fresh_like(access.model, seed=seed))
+        fresh = model_access(access.fresh_copy(seed=seed))
         rnd = _orth_stats(fresh, layer_list, definition, tok, include_bias, absolute)
         del fresh
     return KeyOrthogonalityResult(

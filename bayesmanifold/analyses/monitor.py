@@ -32,8 +32,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..hooks import capture
-from ..hooks.access import model_access
-from ..hooks.batch import Positions, position_mask
+from ..backends import model_access
+from ..backends.batch import Positions, position_mask
 from .dynamics import DynamicsResult
 from .keys import key_orthogonality
 from .manifold import ManifoldAccumulator
@@ -110,7 +110,7 @@ class DynamicsMonitor:
         every: record when ``step % every == 0``.
         attention_mask: optional padding mask of the probe.
         query_positions: where attention drift/entropy and value PCA are read ("all", "last",
-            an int, list, Int[batch] or Bool[batch, pos]; see ``hooks.batch.position_mask``).
+            an int, list, Int[batch] or Bool[batch, pos]; see ``backends.batch.position_mask``).
         objective: ``fn(logits, tokens) -> scalar`` for the gradient norms (default next-token loss).
         key_token_ids: hypothesis tokens for the token-key orthogonality (else W_K columns).
         calibration_fn: ``fn(model) -> float`` precision metric (e.g. calibration MAE in bits).

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..hooks.access import model_access
-from ..hooks.batch import Batch
+from ..backends import model_access
+from ..backends.batch import Batch
 from ..hooks.capture import capture
 from ..hooks.interventions import parameter_names, stepped_copy
 from ..hooks.objectives import Objective
@@ -111,7 +111,7 @@ def one_step_check(
     """Take one gradient-descent step (lr) on a copy of ``model`` and see where attention moved.
 
     Args:
-        tokens: a :class:`~bayesmanifold.hooks.batch.Batch` or token ids ``[batch, pos]``.
+        tokens: a :class:`~bayesmanifold.backends.batch.Batch` or token ids ``[batch, pos]``.
         scope: ``"all"`` steps every parameter (a real training step; score changes then also
             carry the indirect effect of earlier layers' updates on later layers' inputs), or
             ``"layer_qk"``, which steps only each layer's own W_Q, W_K, b_Q, b_K, one layer at a

@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..hooks.access import model_access
-from ..hooks.batch import Batch
+from ..backends import model_access
+from ..backends.batch import Batch
 from ..hooks.bundle import OutputBundle
 from ..hooks.capture import capture
 from .attention import AttentionEntropyAccumulator

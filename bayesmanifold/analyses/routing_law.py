@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..hooks.batch import Batch
+from ..backends.batch import Batch
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from ..hooks.objectives import Objective
@@ -369,7 +369,7 @@ def verify_routing_law(
 
     Args:
         model: a TransformerLens model.
-        batches: one :class:`~bayesmanifold.hooks.batch.Batch` or token tensor ``[batch, pos]``
+        batches: one :class:`~bayesmanifold.backends.batch.Batch` or token tensor ``[batch, pos]``
             (or a string), or an iterable of them, each run as one pass.
         objective: scalar objective (default next-token loss).
         attention_mask: the padding mask of token tensors given bare (a Batch carries its own).

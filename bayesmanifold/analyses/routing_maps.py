@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import InputError, SelectionError
 from ..hooks import capture
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..hooks.bundle import LayerBundle
 from ..hooks.objectives import loss_at_positions, next_token_loss
 from .stats import entropy

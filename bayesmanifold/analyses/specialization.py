@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..hooks import Batch, capture
-from ..hooks.access import model_access
+from ..backends import model_access
 from .stats import entropy
 
 __all__ = ["SpecializationAccumulator", "SpecializationResult", "specialization"]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..hooks import LayerBundle, capture, next_token_loss
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..hooks.interventions import parameter_names, stepped_copy
 
 __all__ = ["ValueUpdateAlignmentResult", "value_update_alignment"]

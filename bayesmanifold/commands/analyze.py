@@ -10,14 +10,14 @@ steps. On a pretrained model with ``--prompts``: Paper III's protocol at each pr
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
 from .common import (
-    add_device_arg,
     add_json_arg,
+    add_model_options,
     add_seed_arg,
     add_target_args,
     at_least,
     format_table,
+    open_model_from,
     output_dir,
     write_json,
 )
@@ -32,8 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target_args(p)
     p.add_argument("--out", metavar="DIR", type=output_dir, help="write figures (PNG) to DIR")
     add_json_arg(p)
-    add_device_arg(p)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    add_model_options(p)
     add_seed_arg(p, help="seed of the sampled sequences and of the baselines")
     p.add_argument("--n-seqs", type=at_least(8), default=256, help="wind-tunnel sequences for the geometry (default 256)")
     p.add_argument("--features", choices=["residual", "values_concat", "head_outputs"], default=None,
@@ -64,18 +63,19 @@ def write_figures(result, out: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import SuiteConfig, load_target, run_suite
+    from ..backends import model_access
+    from ..report import SuiteConfig, run_suite
 
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
-    target = load_target(args.target, task=args.task, device=args.device, dtype=args.dtype, seed=args.seed)
-    model = target.model
-    if not hasattr(model, "blocks") or not hasattr(model, "hooks"):
-        raise InputError(f"{args.target!r} holds a {type(model).__name__}, not an attention model; analyze needs a HookedTransformer")
+    target = open_model_from(args, args.target, task=args.task)
     result = run_suite(target, config)
     res = result.to_dict()
     res["target"] = str(args.target)
-    res["model"] = {"n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads, "d_model": model.cfg.d_model, "n_key_value_heads": model.cfg.n_key_value_heads}
+    access = model_access(target.model)
+    res["model"] = {"n_layers": access.n_layers, "n_heads": access.n_heads, "d_model": access.d_model,
+                    "n_key_value_heads": access.n_kv_heads, "dtype": str(target.dtype).removeprefix("torch."),
+                    "backend": access.name}
     res["figures"] = figs = write_figures(result, args.out)
     rows = result.to_dataframe().rename(columns={"key_orthogonality": "ko", "attention_entropy": "ent"}).to_dict("records")
     print(f"analyze {args.target} ({res['mode']})")

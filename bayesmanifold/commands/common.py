@@ -29,6 +29,11 @@ __all__ = [
     "format_table",
     "input_file",
     "model_spec",
+    "add_model_args",
+    "add_model_options",
+    "open_model_from",
+    "tokenizer_dir",
+    "MODEL_HELP",
     "output_dir",
     "output_file",
     "probability",
@@ -136,18 +141,73 @@ def input_file(text: str) -> str:
     return text
 
 
+MODEL_HELP = ("a shipped checkpoint's name (see `bayesmanifold checkpoints`) or a checkpoint directory, 'toy', "
+              "a local HuggingFace directory (with or without tokenizer files), a .gguf file, or a model name (online)")
+
+
 def model_spec(text: str) -> str:
-    """``toy``, a local HuggingFace model directory, or a TransformerLens model name."""
+    """The one grammar of a model on the command line (``--model`` and the positional MODEL alike):
+    a checkpoint (shipped name or directory), ``toy``, a HuggingFace directory, a ``.gguf`` file
+    or a name; paths are checked here, before any work."""
     p = Path(text)
-    accepted = "'toy', a HuggingFace model directory (written by save_pretrained) or a TransformerLens model name"
+    if not text:
+        raise _Bad(f"the model is empty; give {MODEL_HELP}")
+    if text.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise _Bad(f"GGUF file {text!r} does not exist")
+        return text
     if p.is_file():
-        raise _Bad(f"{text!r} is a file; give {accepted}")
+        raise _Bad(f"{text!r} is a file but not a .gguf file; give {MODEL_HELP}")
     looks_like_path = os.path.sep in text or text.startswith(".")
     if looks_like_path and not p.exists():
-        raise _Bad(f"model directory {text!r} does not exist; give {accepted}")
+        raise _Bad(f"model directory {text!r} does not exist; give {MODEL_HELP}")
     if p.is_dir() and not (p / "config.json").is_file():
-        raise _Bad(f"{text!r} holds no config.json; give {accepted}")
+        raise _Bad(f"{text!r} holds no config.json: it is neither a checkpoint nor a HuggingFace directory")
     return text
+
+
+def tokenizer_dir(text: str) -> str:
+    """A directory holding a HuggingFace tokenizer (``--tokenizer``)."""
+    p = Path(text)
+    if not p.is_dir():
+        raise _Bad(f"tokenizer directory {text!r} does not exist")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        raise _Bad(f"{text!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json or tokenizer.model)")
+    return text
+
+
+def add_model_args(p: argparse.ArgumentParser, *, positional: str | None = None, default: str | None = None,
+                   dtypes: tuple[str, ...] | None = None, device_default: str = "cpu") -> None:
+    """The model options every command shares: the model (``--model SPEC``, or the positional
+    ``positional``), ``--dtype``, ``--device`` and ``--tokenizer``, with one grammar and one list."""
+
+    if positional:
+        p.add_argument(positional, metavar="MODEL", type=model_spec, help=MODEL_HELP)
+    else:
+        p.add_argument("--model", default=default, metavar="SPEC", type=model_spec,
+                       help=MODEL_HELP + (f" (default: {default})" if default else ""))
+    add_model_options(p, dtypes=dtypes, device_default=device_default)
+
+
+def add_model_options(p: argparse.ArgumentParser, *, dtypes: tuple[str, ...] | None = None,
+                      device_default: str = "cpu") -> None:
+    """``--dtype``, ``--device`` and ``--tokenizer`` (the model itself given otherwise, e.g. by :func:`add_target_args`)."""
+    from ..backends.loading import DTYPE_NAMES
+
+    names = dtypes or DTYPE_NAMES
+    p.add_argument("--dtype", default="float32", choices=names,
+                   help=f"the dtype the model runs in: {', '.join(names)} (float16 on CUDA only; default float32)")
+    add_device_arg(p, default=device_default)
+    p.add_argument("--tokenizer", metavar="DIR", type=tokenizer_dir, default=None,
+                   help="a directory holding a tokenizer, for a HuggingFace model saved without one")
+
+
+def open_model_from(args: argparse.Namespace, spec: str | None = None, *, task: str | None = None):
+    """The :class:`~bayesmanifold.models.Target` the parsed model options name (one loader for every command)."""
+    from ..models.target import open_target
+
+    return open_target(spec if spec is not None else args.model, task=task, device=args.device, dtype=args.dtype,
+                       seed=getattr(args, "seed", 0), tokenizer=getattr(args, "tokenizer", None))
 
 
 # ----------------------------------------------------------------------------- value types
@@ -246,7 +306,7 @@ def add_seed_arg(p: argparse.ArgumentParser, default: int = 0, help: str = "seed
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
     """The model to study, and for a non-checkpoint its wind tunnel or prompts (analyze, report)."""
-    p.add_argument("target", metavar="CHECKPOINT|MODEL", help="a checkpoint directory or shipped name, 'toy', or a local HuggingFace directory")
+    p.add_argument("target", metavar="MODEL", type=model_spec, help=MODEL_HELP)
     p.add_argument("--task", metavar="NAME", choices=["bijection", "hmm", "recall"],
                    help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
     p.add_argument("--prompts", metavar="FILE", type=input_file, help="text file, one prompt per line: run Paper III's protocol at each final token")
@@ -263,35 +323,31 @@ def write_json(path: str | None, data: Any) -> None:
 
 # --------------------------------------------------------------------------------- tokens
 def tokens_for(model: Any, *, batch_size: int, seq_len: int, text: str | None, seed: int):
-    """Token ids ``[batch_size, seq_len]``: from a text file (model tokenizer, or UTF-8 bytes for
-    a model without one), else uniformly random ids from a seeded generator."""
+    """Token ids ``[batch_size, seq_len]``: from a text file (the model's tokenizer, or UTF-8 bytes
+    for a byte-level model), else uniformly random ids from a seeded generator."""
     import torch
 
+    from ..backends import model_access
+
+    access = model_access(model)
     if batch_size < 1 or seq_len < 2:
         raise InputError(f"--batch-size must be >= 1 and --seq-len >= 2, got {batch_size} and {seq_len}")
-    n_ctx = model.cfg.n_ctx
-    if seq_len > n_ctx:
+    n_ctx = access.n_ctx
+    if n_ctx is not None and seq_len > n_ctx:
         raise InputError(f"--seq-len {seq_len} exceeds the model's context n_ctx={n_ctx}")
-    device = model.cfg.device
     if text is None:
         g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, model.cfg.d_vocab, (batch_size, seq_len), generator=g).to(device)
+        return torch.randint(0, access.d_vocab, (batch_size, seq_len), generator=g).to(access.device)
     path = Path(text)
     if not path.is_file():
         raise InputError(f"text file {text!r} does not exist")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if model.tokenizer is not None:
-        ids = model.tokenizer(raw, return_tensors="pt")["input_ids"][0]
-    else:
-        ids = torch.tensor(list(raw.encode("utf-8")), dtype=torch.long)
+    ids = access.encode(path.read_text(encoding="utf-8", errors="replace"))
     if ids.numel() == 0:
         raise InputError(f"text file {text!r} holds no tokens")
-    if model.tokenizer is None and int(ids.max()) >= model.cfg.d_vocab:
-        raise InputError("the text has bytes outside the toy model's vocabulary")
     need = batch_size * seq_len
     if ids.numel() < need:
         raise InputError(f"the text has {ids.numel()} tokens; {need} are needed for {batch_size}×{seq_len}")
-    return ids[:need].view(batch_size, seq_len).to(device)
+    return access.as_tokens(ids[:need].view(batch_size, seq_len)).to(access.device)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

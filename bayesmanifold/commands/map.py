@@ -4,9 +4,9 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..io import atomic_write_text
-from .common import format_table, write_json
+from .common import add_model_args, format_table, open_model_from, write_json
 
 NAME = "map"
 HELP = "per head and token: attention α, advantage A = b̄ − b and routing force αA of a prompt, as an HTML page"
@@ -14,16 +14,13 @@ EXAMPLE = "bayesmanifold map stdlib-attn2 --prompt-file prompt.py --heads 1.0,1.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="a checkpoint directory or shipped name (e.g. stdlib-attn2), 'toy', "
-                   "a local HuggingFace directory, or a pretrained name (online)")
+    add_model_args(p, positional="model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
     p.add_argument("--heads", metavar="L.H,...", default=None, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
     p.add_argument("--objective", default="next-token", metavar="NAME",
                    help="next-token (default: mean next-token cross-entropy over the prompt), last, or pos:P[,P...]")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy model's weights")
     p.add_argument("--title", default=None, help="page title (default: model and prompt length)")
     p.add_argument("--out", required=True, metavar="HTML", help="write the page here")
@@ -58,22 +55,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def load_target(spec: str, *, device: str, dtype: str, seed: int):
-    """A bayesmanifold checkpoint (directory or shipped name) in ``dtype``, else ``load_model``."""
-    from ..hooks.loading import load_model, parse_dtype
-    from ..models.checkpoint import is_complete, load_checkpoint
-
-    try:
-        checkpoint = is_complete(spec)
-    except CheckpointError:
-        checkpoint = False
-    if not checkpoint:
-        return load_model(spec, device=device, dtype=dtype, seed=seed)
-    model = load_checkpoint(spec, device=device)[0]
-    dt = parse_dtype(dtype)
-    return model.to(dt) if dt != next(model.parameters()).dtype else model
-
-
 def run(args: argparse.Namespace) -> int:
     from ..analyses.routing_maps import routing_map
 
@@ -81,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
     prompt = read_prompt(args)
-    model = load_target(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    model = open_model_from(args).model
     m = routing_map(model, prompt, heads=args.heads, objective=args.objective)
     title = args.title or f"Routing map: {args.model}, {len(m.token_ids)} tokens"
     atomic_write_text(args.out, m.to_html(title=title))

@@ -11,8 +11,8 @@ import re
 
 from ..corpus import DEFAULT_MEASURES, MEASURES, ScanConfig, scan
 from ..errors import ConfigError
-from ..hooks.loading import load_model
-from .common import add_json_arg, format_table, write_json
+from ..models.target import open_target
+from .common import add_json_arg, add_model_args, format_table, write_json
 
 NAME = "scan"
 HELP = "stream the routing law, advantage statistics, attention entropy and value-update norms over a corpus"
@@ -20,7 +20,7 @@ EXAMPLE = "bayesmanifold scan toy --data corpus/ --seq-len 128 --out scan/ --jso
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="'toy', a local HuggingFace directory, or a pretrained name (online)")
+    add_model_args(p, positional="model")
     p.add_argument("--data", required=True, metavar="PATH", help="a text file, a directory of text files, a .jsonl file (field \"text\") or a .npy array of token ids")
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "tokens"], help="how to read --data (default: by its extension)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128; at most the model's n_ctx)")
@@ -29,9 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, metavar="LIST", help="layers to measure, e.g. 0,2,5 or 0-3 (default: all)")
     p.add_argument("--measures", default="default", metavar="LIST",
                    help=f"comma-separated from {', '.join(MEASURES)}; 'default' = {','.join(DEFAULT_MEASURES)}; 'all'")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
-                   help="model dtype (statistics are accumulated in float64 regardless)")
     p.add_argument("--out", metavar="DIR", help="write heads.csv/.parquet, summary.json, figures/, index.html and the resumable state here")
     p.add_argument("--no-figures", action="store_true", help="skip the heatmap PNGs (faster)")
     add_json_arg(p)
@@ -93,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard),
         figures=not args.no_figures,
     )
-    model = load_model(args.model, device=_device(args.device), dtype=args.dtype, seed=args.seed)
+    # under torchrun, --device cuda means this process's GPU (cuda:LOCAL_RANK)
+    model = open_target(args.model, device=_device(args.device), dtype=args.dtype, seed=args.seed,
+                        tokenizer=args.tokenizer).model
     res = scan(model, config, model_name=args.model)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -3,13 +3,13 @@
 import argparse
 
 from .common import (
-    add_device_arg,
     add_json_arg,
+    add_model_args,
     add_seed_arg,
     at_least,
     format_table,
     input_file,
-    model_spec,
+    open_model_from,
     tokens_for,
     write_json,
 )
@@ -20,9 +20,7 @@ EXAMPLE = "bayesmanifold verify --model toy --dtype float64 --json out.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy", metavar="SPEC", type=model_spec, help="'toy' (default), a local HuggingFace directory, or a pretrained name (online)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    add_device_arg(p)
+    add_model_args(p, default="toy")
     p.add_argument("--batch-size", type=at_least(1), default=4)
     p.add_argument("--seq-len", type=at_least(2), default=64)
     p.add_argument("--text", metavar="FILE", type=input_file, help="tokenise this text file instead of random tokens")
@@ -32,9 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..analyses import verify_routing_law
-    from ..hooks import load_model
-
-    model = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    model = open_model_from(args).model
     tokens = tokens_for(model, batch_size=args.batch_size, seq_len=args.seq_len, text=args.text, seed=args.seed)
     law, adv = verify_routing_law(model, tokens)
     summary = law.summary()
@@ -70,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(f"max relative residual of the routing law: {summary['max_rel_residual_dscores']:.3e}")
-    from ..hooks import model_access
+    from ..backends import model_access
 
     access = model_access(model)
     floor = law.floor or f"the softmax runs in the model's {str(access.dtype).removeprefix('torch.')}"
-    print(f"backend {access.backend}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g})")
+    print(f"backend {access.name}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g})")
     print(f"the laws hold on every head: {'yes' if law.holds else 'NO'}" + (f" ({law.reason})" if law.reason else ""))
     summary.update(
         {
@@ -84,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": int(tokens.shape[0]),
             "seq_len": int(tokens.shape[1]),
             "advantage": adv.rows,
-            "backend": access.backend,
+            "backend": access.name,
         }
     )
     write_json(args.json, summary)

@@ -118,7 +118,7 @@ def read_corpus(
 
     Args:
         path: a text file, a directory of text files, a JSON Lines file, or a ``.npy`` array.
-        access: the model's access layer (:func:`bayesmanifold.hooks.access.model_access`): its
+        access: the model's access layer (:func:`bayesmanifold.backends.model_access`): its
             tokenizer, ``d_vocab`` and ``n_ctx``.
         seq_len: window length (2 ≤ seq_len ≤ n_ctx).
         fmt: ``"auto"``, ``"text"``, ``"jsonl"`` or ``"tokens"``.

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError, InputError
-from ..hooks.access import model_access
-from ..hooks.batch import Batch
+from ..backends import model_access
+from ..backends.batch import Batch
 from ..hooks.capture import capture
 from .config import IDENTITY_FIELDS, ScanConfig
 from .data import read_corpus, split_range

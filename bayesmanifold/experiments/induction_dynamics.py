@@ -41,8 +41,8 @@ from ..analyses.induction import (
 )
 from ..analyses.stats import pearson
 from ..hooks import capture
-from ..hooks.access import model_access
-from ..hooks.batch import Batch
+from ..backends import model_access
+from ..backends.batch import Batch
 from ..io import atomic_write_json, ensure_dir
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..analyses.induction import induction_scores, ordinary_ids
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..io import atomic_write_json
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots, load_snapshot

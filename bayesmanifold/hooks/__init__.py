@@ -1,25 +1,29 @@
-"""The only code that touches models: capture (the one engine), the batch value, selections,
-objectives, the model-access layer, loading, and interventions."""
+"""The engine: capture (the one path through a model), the per-layer bundles, objectives and
+interventions. It asks the model's backend (:mod:`bayesmanifold.backends`) for every hook point
+and never reads the model itself."""
 
-from .access import AttentionLayerInfo, ModelAccess, model_access
-from .batch import Batch, position_mask
+from ..backends import (
+    AttentionLayerInfo,
+    Backend,
+    Batch,
+    model_access,
+    position_mask,
+    select_heads,
+    select_layers,
+)
 from .bundle import Accumulator, LayerBundle, OutputBundle
 from .capture import Capture, capture
-from .loading import load_hf_directory, load_model, toy_model
 from .objectives import logit_difference, loss_at_positions, next_token_loss
-from .selection import select_heads, select_layers
 
 __all__ = [
     "Accumulator",
     "AttentionLayerInfo",
+    "Backend",
     "Batch",
     "Capture",
     "LayerBundle",
-    "ModelAccess",
     "OutputBundle",
     "capture",
-    "load_hf_directory",
-    "load_model",
     "logit_difference",
     "loss_at_positions",
     "model_access",
@@ -27,5 +31,4 @@ __all__ = [
     "position_mask",
     "select_heads",
     "select_layers",
-    "toy_model",
 ]

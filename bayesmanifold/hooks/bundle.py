@@ -8,9 +8,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ..backends.base import ATTN_SITES, BLOCK_SITES, MODEL_SITES
+from ..backends.batch import Batch
 from ..errors import InputError, SelectionError
-from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES
-from .batch import Batch
 
 __all__ = ["LayerBundle", "OutputBundle", "Accumulator", "plan_accumulators"]
 

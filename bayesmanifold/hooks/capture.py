@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..backends import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, model_access
+from ..backends.batch import Batch
+from ..backends.selection import select_heads
 from ..errors import InputError, ModelError, ObjectiveError, SelectionError
-from .access import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, model_access
-from .batch import Batch
 from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
 from .grad_scope import bind as _bind
 from .grad_scope import weights_frozen as _weights_frozen
 from .objectives import Objective, next_token_loss, validate_objective_value
-from .selection import select_heads
 
 __all__ = ["LayerBundle", "OutputBundle", "Accumulator", "Capture", "capture"]
 
@@ -65,14 +65,14 @@ class Capture:
         layers: layer index, indices, or None for all.
         heads: head indices for every layer, a ``{layer: heads}`` mapping, or None for all.
         gradients: run the backward pass (None: if any accumulator needs it, or there is none).
-        sites: extra sites to deliver in ``bundle.acts`` / ``out.acts`` (see ``hooks.access``);
+        sites: extra sites to deliver in ``bundle.acts`` / ``out.acts`` (see ``backends.base``);
             accumulators' own ``sites`` are added.
         keep: also keep each layer's bundle of the last run in ``cap.kept`` and the output
             bundle in ``cap.output`` (opt-in: memory).
         keep_query_positions: keep only these query positions (slice or indices).
         keep_device: move kept tensors there (e.g. ``"cpu"`` to offload from a GPU).
         objective: default ``fn(logits, inputs) -> scalar`` for :meth:`Capture.run`.
-        input_hook: the hook point whose output becomes the gradient leaf (token models).
+        input_hook: "embed" (default): the embedding output is the gradient leaf (token models); None: float inputs only.
 
     Example:
         >>> from bayesmanifold.analyses import RoutingLawCheck
@@ -95,7 +95,7 @@ class Capture:
         keep_query_positions: slice | Sequence[int] | None = None,
         keep_device: str | torch.device | None = None,
         objective: Objective | None = None,
-        input_hook: str | None = "hook_embed",
+        input_hook: str | None = "embed",
     ) -> None:
         self.model = model
         self.access = model_access(model)
@@ -121,7 +121,9 @@ class Capture:
                 raise InputError("keep_device='cuda' was asked for but no CUDA GPU is available; use 'cpu' or None")
         self.keep_device = keep_device
         self.objective = objective
-        self.input_hook = input_hook if input_hook in model.hook_dict else None
+        # where the gradient path starts: the backend's embedding output (or None: float inputs only)
+        self.input_point = self.access.embed_point() if input_hook is not None else None
+        self.input_hook = input_hook if self.input_point is not None else None
         self.kept: dict[int, LayerBundle] = {}
         self.output: OutputBundle | None = None
         self.last_loss: float | None = None
@@ -152,7 +154,7 @@ class Capture:
     def _register(self) -> None:
         acc = self.access
         if self.input_hook is not None and self.gradients:
-            self._handles.append(self.model.hook_dict[self.input_hook].register_forward_hook(self._input_fwd))
+            self._handles.append(self.input_point.register_forward_hook(self._input_fwd))
         for site in sorted(self.sites & set(MODEL_SITES)):
             self._handles.append(acc.add_forward_hook(site, None, _bind(self._model_fwd, site)))
         for layer in self.layers:
@@ -284,7 +286,7 @@ class Capture:
         """Run one forward(+backward) pass and stream every selected layer to the accumulators.
 
         Args:
-            inputs: a :class:`~bayesmanifold.hooks.batch.Batch`, token ids ``Int[Tensor, "batch pos"]``
+            inputs: a :class:`~bayesmanifold.backends.batch.Batch`, token ids ``Int[Tensor, "batch pos"]``
                 (or ``"pos"``, any integer dtype), a string or list of strings (tokenised with the
                 model's tokenizer; a padded list gets its attention mask), or a float tensor for
                 models whose input is not tokens.

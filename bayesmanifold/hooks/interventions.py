@@ -12,17 +12,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..backends import model_access
 from ..errors import ConfigError, InputError
-from .access import model_access
 from .objectives import Objective, next_token_loss
 
 __all__ = ["ablated_head", "parameter_names", "stepped_copy"]
 
 ParamKind = Literal["all", "qk", "values"]
-_KIND_NAMES = {
-    "qk": ("W_Q", "W_K", "b_Q", "b_K", "_W_K", "_b_K"),
-    "values": ("W_V", "b_V", "_W_V", "_b_V"),
-}
 
 
 def parameter_names(model: nn.Module, kind: ParamKind, layers: Sequence[int] | None = None) -> list[str]:
@@ -32,29 +28,7 @@ def parameter_names(model: nn.Module, kind: ParamKind, layers: Sequence[int] | N
     """
     if kind not in ("all", "qk", "values"):
         raise ConfigError(f"parameter kind must be 'all', 'qk' or 'values', got {kind!r}")
-    from .bridge import bridge_parameter_names, is_bridge
-
-    if kind != "all" and is_bridge(model):  # TransformerLens 4: q, k, v are Linear modules of the attention
-        out = bridge_parameter_names(model, kind, layers)
-        if not out:
-            raise InputError(f"the model has no {kind} parameters in layers {layers if layers is not None else 'all'} to step")
-        return out
-    out = []
-    for name, p in model.named_parameters():
-        if not torch.is_floating_point(p):
-            continue
-        if kind == "all":
-            out.append(name)
-            continue
-        parts = name.split(".")
-        if (
-            len(parts) == 4
-            and parts[0] == "blocks"
-            and parts[2] == "attn"
-            and parts[3] in _KIND_NAMES[kind]
-            and (layers is None or int(parts[1]) in layers)
-        ):
-            out.append(name)
+    out = model_access(model).parameter_names(kind, layers)
     if not out:
         raise InputError(f"the model has no {kind} parameters in layers {layers if layers is not None else 'all'} to step")
     return out

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backends import library_versions, load_tokenizer, model_access
 from ..errors import CheckpointError
-from ..hooks.loading import library_versions, load_fitting_state_dict, load_tokenizer
 from ..io import atomic_torch_save, atomic_write_json, ensure_dir
 from ..windtunnels.base import WindTunnel
 from ..windtunnels.registry import task_from_dict
@@ -217,15 +217,33 @@ def is_complete(path: "str | Path") -> bool:
         return False
 
 
+def load_state_dict(model: nn.Module, sd: Any, where: str) -> None:
+    """Load ``sd`` into ``model``: a transformer through its backend (either checkpoint format), our
+    LSTM and MLP baselines as plain modules; every parameter must be present with its shape."""
+    from .baselines import CausalMLP, LSTMModel
+
+    if not isinstance(model, LSTMModel | CausalMLP):
+        return model_access(model).load_state_dict(sd, where)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{where} is not a state dict")
+    ref = model.state_dict()
+    missing = sorted(set(ref) - set(sd))
+    wrong = sorted(k for k in set(ref) & set(sd) if tuple(sd[k].shape) != tuple(ref[k].shape))
+    if missing or wrong:
+        raise CheckpointError(f"{where} does not fit the model: missing {missing[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict({k: sd[k].to(ref[k].dtype) for k in ref}, strict=True)
+
+
 def load_weights(model: nn.Module, file: Path) -> None:
-    """Load the weights file ``file`` into ``model`` (see ``load_fitting_state_dict``)."""
+    """Load the weights file ``file`` into ``model`` (its backend's ``load_state_dict``; LSTM and MLP
+    baselines: every parameter must fit)."""
     if not file.is_file():
         raise CheckpointError(f"checkpoint weights {str(file)!r} are missing")
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read weights {str(file)!r}: {exc}") from None
-    load_fitting_state_dict(model, sd, f"weights {str(file)!r}")
+    load_state_dict(model, sd, f"weights {str(file)!r}")
 
 
 def checkpoint_tokenizer(directory: "str | Path") -> Any:

@@ -12,8 +12,8 @@ parameters), so our models are untied; the paper's 2.69M becomes ~2.7M + d·voca
 A :class:`ModelSpec` holds everything needed to rebuild a model (it is stored in checkpoints);
 :func:`preset_spec` turns a preset name plus a task into one, and :func:`build_model` builds it
 with a seeded initialisation that leaves the global random state untouched (TransformerLens
-models are built by :func:`bayesmanifold.hooks.loading.build_hooked`: the model-access layer is
-the only code that imports TransformerLens).
+models are built by :func:`bayesmanifold.backends.build_model`: the backends are the only code
+that imports TransformerLens).
 """
 
 import contextlib
@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backends import build_model as build_backend_model
+from ..backends import keep_global_rng
 from ..errors import ConfigError
-from ..hooks.loading import build_hooked, keep_global_rng
 from ..windtunnels.base import WindTunnel
 
 __all__ = ["ModelSpec", "PRESETS", "ARCHS", "preset_spec", "build_model", "count_params",
@@ -171,14 +172,14 @@ def build_model(spec: ModelSpec, seed: int = 0, device: str = "cpu", tokenizer: 
     """Build a freshly initialised model; the init is seeded and the global RNG is left as found.
 
     The weights are drawn on the CPU (so they do not depend on ``device``) from the seeded
-    default generator inside :func:`bayesmanifold.hooks.loading.keep_global_rng`. Every
+    default generator inside :func:`bayesmanifold.backends.keep_global_rng`. Every
     architecture maps tokens ``[batch, pos]`` to logits ``[batch, pos, d_vocab]``. A transformer
     gets ``tokenizer`` (a HuggingFace tokenizer, e.g. a BPE text checkpoint's) as its own.
     """
     from .baselines import CausalMLP, LSTMModel
 
     if spec.arch == "transformer":
-        return build_hooked(hooked_config(spec), seed=seed, device=device, tokenizer=tokenizer)
+        return build_backend_model(hooked_config(spec), seed=seed, device=device, tokenizer=tokenizer)
     with keep_global_rng():
         torch.random.default_generator.manual_seed(seed)
         if spec.arch == "lstm":

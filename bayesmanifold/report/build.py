@@ -11,7 +11,6 @@ atomically (:mod:`.document`).
 """
 
 import contextlib
-import copy
 import io
 import json
 import time
@@ -25,7 +24,8 @@ from typing import Any
 import torch
 
 from ..analyses import one_step_check, verify_routing_law
-from ..errors import ConfigError, InputError
+from ..backends import model_access
+from ..errors import ConfigError
 from .claims import judge_claims
 from .document import Report, Section, figure_png, section
 from .suite import SuiteConfig, Target, has_exact_posterior, load_target, run_suite
@@ -170,16 +170,14 @@ def _check_device(device: str) -> None:
 
 def _load(config: ReportConfig) -> Target:
     target = load_target(config.target, task=config.task, device=config.device, dtype="float32", seed=config.seed)
-    if not hasattr(target.model, "blocks"):
-        raise InputError(f"{config.target!r} holds a {type(target.model).__name__}, not an attention model; "
-                         "the report needs a HookedTransformer")
+    model_access(target.model)  # refuses a model no backend handles (LSTM, MLP baselines) before any work
     return target
 
 
 def _describe(target: Target) -> dict[str, Any]:
-    c = target.model.cfg
+    c = model_access(target.model)
     out: dict[str, Any] = {"model": {"n_layers": c.n_layers, "n_heads": c.n_heads, "d_model": c.d_model,
-                                     "n_key_value_heads": c.n_key_value_heads,
+                                     "n_key_value_heads": c.n_kv_heads, "backend": c.name,
                                      "n_params": int(sum(p.numel() for p in target.model.parameters()))}}
     if has_exact_posterior(target.task):  # the claims judge a task's numbers by the wind-tunnel thresholds
         out["task"] = target.task.to_dict()
@@ -187,7 +185,7 @@ def _describe(target: Target) -> dict[str, Any]:
 
 
 def _subtitle(target: Target) -> str:
-    c, tk = target.model.cfg, target.task
+    c, tk = model_access(target.model), target.task
     return f"{c.n_layers} layers × {c.n_heads} heads, d_model {c.d_model}" + (f"; task {tk.NAME}" if tk is not None else "") + _trained_by(target.config)
 
 
@@ -216,11 +214,9 @@ def _titled(name: str, **kwargs: Any) -> Section:
 
 # ------------------------------------------------------------------------------------ stages
 def _double(model: Any) -> Any:
-    """A float64 copy of a HookedTransformer, so the laws can be checked to ~1e-12."""
-    m = copy.deepcopy(model)
-    m.cfg.dtype = torch.float64
+    """A float64 copy of the model (one for the whole stage), so the laws can be checked to ~1e-12."""
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
-        return m.to(torch.float64)
+        return model_access(model).in_dtype(torch.float64)
 
 
 def gradient_laws(target: Target, *, seed: int, quick: bool) -> Stage:
@@ -233,11 +229,13 @@ def gradient_laws(target: Target, *, seed: int, quick: bool) -> Stage:
         tokens, objective, how = batch.tokens, loss_at_positions(batch.positions.tolist()), "next-token loss at the task's scored positions"
     else:
         g = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, model.cfg.d_vocab, (4, min(32, model.cfg.n_ctx)), generator=g)
+        access = model_access(model)
+        tokens = torch.randint(0, access.d_vocab, (4, min(32, access.n_ctx or 32)), generator=g)
         objective, how = None, "next-token loss on random tokens"
     m64 = _double(model)
-    law, adv = verify_routing_law(m64, tokens.to(model.cfg.device), objective=objective)
-    step = one_step_check(m64, tokens.to(model.cfg.device), lr=LAW_STEP_LR, objective=objective, scope="layer_qk")
+    device = model_access(model).device
+    law, adv = verify_routing_law(m64, tokens.to(device), objective=objective)
+    step = one_step_check(m64, tokens.to(device), lr=LAW_STEP_LR, objective=objective, scope="layer_qk")
     del m64
     s = law.summary()
     numbers = {

@@ -14,11 +14,13 @@ Example:
 """
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, InputError, ModelError
+from ..backends import model_access
+from ..errors import ConfigError, InputError
+from ..models.target import Target, open_target
 
 __all__ = ["SuiteConfig", "SuiteResult", "Target", "has_exact_posterior", "load_target", "run_suite"]
 
@@ -78,17 +80,6 @@ class SuiteConfig:
         if unknown:
             raise ConfigError(f"unknown SuiteConfig fields {unknown}; known: {sorted(known)}")
         return cls(**d)
-
-
-@dataclass(frozen=True, eq=False)
-class Target:
-    """A model to study and what came with it: its wind tunnel, checkpoint config and training record."""
-
-    model: Any
-    task: Any = None
-    config: dict = field(default_factory=dict)
-    history: dict = field(default_factory=dict)
-    checkpoint_dir: Path | None = None
 
 
 # figure name -> the SuiteResult field whose result draws it, in the order a report shows them
@@ -167,49 +158,10 @@ class SuiteResult:
         return ax.figure
 
 
-def _is_our_checkpoint(d: Path) -> bool:
-    """A directory whose config.json declares the bayesmanifold checkpoint format."""
-    f = d / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("bayesmanifold.checkpoint")
-
-
-def load_target(spec: str, *, task: str | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> Target:
-    """A checkpoint of ours (directory or shipped name), or a model (``"toy"``, a HuggingFace
-    directory, a name) with an optional wind tunnel ``task`` for it."""
-    from ..models import checkpoint as ck
-
-    try:
-        ckpt_dir = ck.resolve_checkpoint(spec)
-    except CheckpointError:
-        ckpt_dir = None
-    if ckpt_dir is not None and _is_our_checkpoint(ckpt_dir):
-        model, tk, cfg, history = ck.load_checkpoint(ckpt_dir, device=device)
-        return Target(model, tk, cfg, history, ckpt_dir)
-    from ..hooks import load_model
-
-    try:
-        model = load_model(spec, device=device, dtype=dtype, seed=seed)
-    except ModelError as exc:
-        if ckpt_dir is not None or Path(spec).exists() or spec == "toy":
-            raise
-        shipped = [r["name"] for r in ck.list_shipped()]
-        raise ModelError(f"{spec!r} is neither a checkpoint (a directory, or one of the shipped {shipped}) "
-                         f"nor a model that loads: {exc}") from None
-    tk = None
-    if task:
-        from ..windtunnels.registry import task_from_dict
-
-        tk = task_from_dict({"task": task})
-        if tk.d_vocab > model.cfg.d_vocab or tk.seq_len > model.cfg.n_ctx:
-            raise InputError(f"task {task} (d_vocab {tk.d_vocab}, seq_len {tk.seq_len}) does not fit the model "
-                             f"(d_vocab {model.cfg.d_vocab}, n_ctx {model.cfg.n_ctx})")
-    return Target(model, tk)
+def load_target(spec: str, *, task: str | None = None, device: str = "cpu", dtype: str = "float32",
+                seed: int = 0, tokenizer: str | None = None) -> Target:
+    """:func:`bayesmanifold.models.open_target` (kept under this name for the suite's callers)."""
+    return open_target(spec, task=task, device=device, dtype=dtype, seed=seed, tokenizer=tokenizer)
 
 
 def has_exact_posterior(task: Any) -> bool:
@@ -223,8 +175,7 @@ def run_suite(target: Target, config: SuiteConfig) -> SuiteResult:
     prompts were given, else the text suite (prompts or random tokens)."""
     from . import measure
 
-    if not hasattr(target.model, "blocks"):
-        raise InputError(f"the target holds a {type(target.model).__name__}, not an attention model; the suite needs a HookedTransformer")
+    model_access(target.model)  # refuses a model no backend handles (LSTM, MLP baselines) before any work
     if has_exact_posterior(target.task) and not config.prompts:
         return measure.windtunnel_suite(target, config)
     return measure.text_suite(target.model, config)

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError, TaskError
-from ..hooks.access import model_access
+from ..backends import model_access
 from ..hooks.capture import capture
 from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
 

@@ -49,7 +49,7 @@ def test_scores_and_force_against_run_with_cache(gen):
 
 
 def test_default_probe_and_result_forms():
-    from bayesmanifold.hooks.loading import toy_model
+    from bayesmanifold.backends import toy_model
 
     res = induction_scores(toy_model(), n_seqs=4)
     assert res.n_queries == 4 * 64 and np.isnan(res.force_share_target).all()

@@ -7,7 +7,7 @@ import torch
 from bayesmanifold.analyses.keys import key_orthogonality
 from bayesmanifold.analyses.paper3 import paper3_protocol
 from bayesmanifold.errors import InputError
-from bayesmanifold.hooks import toy_model
+from bayesmanifold.backends import toy_model
 
 PROMPTS = ["The cat sat on the", "2 + 2 =", "Once upon a time", "def f(x): return", "alpha beta gamma", "", "x y z w v u"]
 
@@ -52,7 +52,7 @@ def test_paper3_and_analyze_on_a_local_gqa_llama(hf_llama_dir, tmp_path):
     import json
 
     from bayesmanifold.cli import main
-    from bayesmanifold.hooks import load_model
+    from bayesmanifold.backends import load_model
 
     model = load_model(str(hf_llama_dir))
     assert model.cfg.n_key_value_heads == 2

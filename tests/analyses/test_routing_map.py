@@ -11,7 +11,7 @@ from helpers import hook_count, make_model, needs_hooked_scores_cache
 from bayesmanifold.analyses import RoutingMap, RoutingMapAccumulator, routing_map
 from bayesmanifold.errors import InputError, SelectionError
 from bayesmanifold.hooks import capture
-from bayesmanifold.hooks.loading import toy_model
+from bayesmanifold.backends import toy_model
 
 
 def _oracle(model, tokens):

@@ -106,7 +106,7 @@ def test_figures_are_heatmaps_embedded_in_the_page(model, corpus, tmp_path):
 @pytest.mark.parametrize("kv", [None, 2])
 def test_value_update_norms_match_a_direct_computation(model, corpus, kv):
     from bayesmanifold.corpus.data import read_corpus
-    from bayesmanifold.hooks.access import model_access
+    from bayesmanifold.backends import model_access
 
     if kv is not None:  # grouped-query attention: each query head's own Σ_i α_ij u_i
         model = make_model(d_vocab=256, n_ctx=64, n_key_value_heads=kv)
@@ -125,7 +125,7 @@ def test_value_update_norms_match_a_direct_computation(model, corpus, kv):
 
 def test_restored_state_finalizes_exactly_like_the_original(model, corpus):
     from bayesmanifold.corpus.data import read_corpus
-    from bayesmanifold.hooks.access import model_access
+    from bayesmanifold.backends import model_access
 
     access = model_access(model)
     shape = ModelShape(access.n_layers, access.n_heads, access.n_kv_heads, access.d_head, (0, 1))
@@ -308,7 +308,7 @@ def test_bad_configuration_and_context(model, corpus):
 
 
 def test_a_model_with_a_tokenizer_reads_text_with_it(hf_gpt2_dir, tmp_path):
-    from bayesmanifold.hooks import load_hf_directory
+    from bayesmanifold.backends import load_hf_directory
 
     model = load_hf_directory(hf_gpt2_dir, dtype="float64")
     (tmp_path / "doc.jsonl").write_text("\n".join(json.dumps({"text": "the quick brown fox jumps. " * 3}) for _ in range(4)))

@@ -16,7 +16,7 @@ from helpers import HAS_HOOKED, hook_count, make_model, needs_bridge, needs_nati
 
 from bayesmanifold.analyses.routing_law import RoutingLawCheck, verify_routing_law
 from bayesmanifold.errors import ModelError, ObjectiveError
-from bayesmanifold.hooks.access import model_access
+from bayesmanifold.backends import model_access
 from bayesmanifold.hooks.capture import capture
 
 HF_ARCHS = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral", "gemma")
@@ -28,7 +28,7 @@ def _hf_dir(arch, hf_gpt2_dir, hf_llama_dir, hf_more_dirs):
 
 
 def _hf_bridge(path, dtype=torch.float64, compat=False):
-    from bayesmanifold.hooks.bridge_loading import load_hf_bridge
+    from bayesmanifold.backends.bridge_loading import load_hf_bridge
 
     model = load_hf_bridge(path, dtype=dtype)
     if compat:
@@ -37,7 +37,7 @@ def _hf_bridge(path, dtype=torch.float64, compat=False):
 
 
 def _native(**overrides):
-    from bayesmanifold.hooks.bridge_loading import build_native
+    from bayesmanifold.backends.bridge_loading import build_native
 
     cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32, act_fn="gelu",
                normalization_type="LN")
@@ -64,7 +64,7 @@ def _check_laws(law, float32_softmax):
 def test_laws_on_hf_bridges(arch, hf_gpt2_dir, hf_llama_dir, hf_more_dirs, gen):
     model = _hf_bridge(_hf_dir(arch, hf_gpt2_dir, hf_llama_dir, hf_more_dirs))
     access = model_access(model)
-    assert access.backend == "TransformerBridge"
+    assert access.name == "TransformerBridge"
     tokens = torch.randint(3, 30, (3, 12), generator=gen)
     law, adv = verify_routing_law(model, tokens)
     _check_laws(law, arch in FLOAT32_SOFTMAX)
@@ -316,7 +316,7 @@ def test_shipped_checkpoint_logits_equal_the_hooked_transformers():
 @needs_native_bridge
 def test_make_model_matches_hooked_initialisation():
     """make_model on TransformerLens 4 is the native bridge with the HookedTransformer's weights."""
-    from bayesmanifold.hooks.bridge_loading import to_bridge_state_dict, to_hooked_state_dict
+    from bayesmanifold.backends.bridge_loading import to_bridge_state_dict, to_hooked_state_dict
 
     for overrides in ({}, dict(positional_embedding_type="rotary", rotary_dim=4, n_key_value_heads=2)):
         model = make_model(**overrides)

@@ -132,7 +132,7 @@ def test_keep_output_and_forward_kept(gen):
 
 def test_text_lists_are_padded_with_a_mask(hf_gpt2_dir):
     """Strings of different lengths: pad tokens enter neither the loss nor the statistics."""
-    from bayesmanifold.hooks import load_hf_directory
+    from bayesmanifold.backends import load_hf_directory
 
     model = load_hf_directory(hf_gpt2_dir, dtype="float64")
     texts = ["hello world, again", "hi"]
@@ -191,7 +191,7 @@ def test_model_access_facts():
     assert (acc.n_layers, acc.n_heads, acc.n_kv_heads, acc.d_head) == (2, 4, 2, 8)
     assert [acc.kv_of_head(h) for h in range(4)] == [0, 0, 1, 1]
     assert acc.hook_name("pattern", 1) == "blocks.1.attn.hook_pattern"
-    assert acc.hook_name("final") == ("ln_final.hook_out" if acc.backend == "TransformerBridge" else "ln_final.hook_normalized")
+    assert acc.hook_name("final") == ("ln_final.hook_out" if acc.name == "TransformerBridge" else "ln_final.hook_normalized")
     assert acc.layers[0].attn_scale == pytest.approx(8**0.5)
     assert acc.key_weights(0)[0].shape == (2, 32, 8)
     with pytest.raises(SelectionError, match="per layer"):

@@ -6,7 +6,7 @@ from helpers import HAS_HOOKED, needs_hooked
 
 from bayesmanifold.analyses import verify_routing_law
 from bayesmanifold.errors import ModelError
-from bayesmanifold.hooks import load_hf_directory, load_model
+from bayesmanifold.backends import load_hf_directory, load_model
 
 
 @pytest.mark.parametrize("fixture", ["hf_gpt2_dir", "hf_llama_dir"])
@@ -123,7 +123,7 @@ def test_building_leaves_the_global_rng_alone():
         "random.seed(5); numpy.random.seed(5); torch.manual_seed(5)\n"
         "state = lambda: (torch.random.get_rng_state().clone(), numpy.random.get_state()[1].copy(), random.getstate())\n"
         "s = state()\n"
-        "from bayesmanifold.hooks import load_model\n"
+        "from bayesmanifold.backends import load_model\n"
         "from bayesmanifold.models import build_model, preset_spec\n"
         "from bayesmanifold.windtunnels import BijectionTask\n"
         "m = load_model('toy')\n"

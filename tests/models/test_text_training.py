@@ -189,7 +189,7 @@ def test_train_text_bpe_end_to_end(tmp_path, capsys):
     assert load_snapshot(out, step).tokenizer is not None
     assert task.evaluate(model, n=4)["heldout_loss"] == pytest.approx(hist["eval"][-1]["heldout_loss"], rel=1e-6)
     from bayesmanifold.analyses.induction import ordinary_ids
-    from bayesmanifold.hooks.access import model_access
+    from bayesmanifold.backends import model_access
 
     assert ordinary_ids(model_access(model)) == (1, 300)  # random probe ids: never <|endoftext|> (id 0)
     assert induction_scores(model, n_seqs=2, half=8).score.shape == (8,)

@@ -36,10 +36,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ModelError, SelectionError
-from .access import AttentionLayerInfo, ModelAccess
+from . import bridge_loading
+from .base import AttentionLayerInfo, Backend
 from .batch import Batch
 
-__all__ = ["BridgeAccess", "is_bridge"]
+__all__ = ["BridgeBackend", "is_bridge"]
 
 
 def is_bridge(model: object) -> bool:
@@ -92,7 +93,7 @@ class _Handles:
             h.remove()
 
 
-class BridgeAccess(ModelAccess):
+class BridgeBackend(Backend):
     """Facts about a ``TransformerBridge`` and its sites, with TransformerLens's shapes.
 
     Args:
@@ -105,7 +106,7 @@ class BridgeAccess(ModelAccess):
             ``attn_implementation="eager"``).
     """
 
-    backend = "TransformerBridge"
+    name = "TransformerBridge"
     FINAL_HOOK = "ln_final.hook_out"  # the bridge's final norm output (no hook_normalized)
 
     def __init__(self, model: nn.Module) -> None:  # noqa: D107 - documented on the class
@@ -136,6 +137,43 @@ class BridgeAccess(ModelAccess):
             )
         if not self.layers:
             raise ModelError(f"{type(model).__name__} has no attention layer with hook points for pattern, v and z")
+
+    # ------------------------------------------------------------------ which models; building and loading
+    @classmethod
+    def handles(cls, model: object) -> bool:
+        return is_bridge(model)
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @classmethod
+    def build(cls, fields: dict[str, Any], *, seed: int, device: str | torch.device, dtype: torch.dtype,
+              tokenizer: Any = None) -> nn.Module:
+        return bridge_loading.build_native(fields, seed=seed, device=device, dtype=dtype, tokenizer=tokenizer)
+
+    @classmethod
+    def load_hf(cls, path: Any, *, dtype: torch.dtype, tokenizer: Any = None) -> nn.Module:
+        return bridge_loading.load_hf_bridge(path, dtype=dtype, tokenizer=tokenizer)
+
+    @classmethod
+    def load_named(cls, name: str, *, device: str, dtype: torch.dtype) -> nn.Module:
+        return bridge_loading.load_named_bridge(name, device=device, dtype=dtype)
+
+    def load_state_dict(self, sd: Any, where: str) -> None:
+        bridge_loading.load_bridge_state_dict(self.model, sd, where)
+
+    def config_fields(self) -> dict[str, Any]:
+        return bridge_loading.hooked_fields(self.cfg)
+
+    def parameter_names(self, kind: str, layers: Any = None) -> list[str]:
+        if kind == "all":
+            return super().parameter_names(kind, layers)
+        return bridge_loading.bridge_parameter_names(self.model, kind, layers)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -300,26 +338,10 @@ class BridgeAccess(ModelAccess):
                 )
         return batch
 
-    def key_weights(self, layer: int) -> tuple[Float[Tensor, "kv_head d_model d_head"], Tensor | None]:
-        """``W_K`` ``[kv_head, d_model, d_head]`` and ``b_K`` ``[kv_head, d_head]`` (None without a bias)."""
-        attn = self.model.blocks[layer].attn
-        W, b = attn.W_K, getattr(attn, "b_K", None)
-        return W.detach(), (None if b is None else b.detach())
-
-    def token_embedding(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.model.W_E.detach()
-
     def key_layer_norm(self, layer: int) -> nn.Module | None:
         ln = getattr(self.model.blocks[layer], "ln1", None)
         inner = getattr(ln, "original_component", ln)
         return None if ln is None or isinstance(inner, nn.Identity) else ln
-
-    def unembed(self, resid_final: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        return self.model.unembed(resid_final)
-
-    def final_norm(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        ln = getattr(self.model, "ln_final", None)
-        return resid if ln is None else ln(resid)
 
 
 def _attn_scale(inner: Any, layer: int) -> float | None:
@@ -336,33 +358,3 @@ def _attn_scale(inner: Any, layer: int) -> float | None:
     if getattr(inner, "scale_attn_by_inverse_layer_idx", False):  # GPT-2's option, applied separately
         divisor *= float(getattr(inner, "layer_idx", layer) + 1)
     return divisor if math.isfinite(divisor) else None
-
-
-def bridge_parameter_names(model: nn.Module, kind: str, layers: Any = None) -> list[str]:
-    """Names (as ``named_parameters`` gives them) of a bridge's attention ``"qk"`` or ``"values"`` parameters.
-
-    Raises:
-        SelectionError: the architecture stores q, k and v in one matrix (GPT-2, GPT-NeoX): they
-            cannot be stepped apart.
-    """
-    names = {id(p): n for n, p in model.named_parameters()}
-    subs = ("q", "k") if kind == "qk" else ("v",)
-    out: list[str] = []
-    for layer, block in enumerate(model.blocks):
-        if layers is not None and layer not in layers:
-            continue
-        attn = getattr(block, "attn", None)
-        if attn is None:
-            continue
-        own = {s: [p for p in getattr(attn, s).parameters()] if hasattr(attn, s) else [] for s in ("q", "k", "v")}
-        other = {id(p) for s in ("q", "k", "v") if s not in subs for p in own[s]}
-        for s in subs:
-            for p in own[s]:
-                if id(p) in other or id(p) not in names:
-                    raise SelectionError(
-                        f"layer {layer} stores q, k and v in one matrix: its {kind} parameters cannot be stepped "
-                        "apart; step 'all'"
-                    )
-                if p.is_floating_point() and names[id(p)] not in out:
-                    out.append(names[id(p)])
-    return out

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError, SelectionError
+from .loading import first_line
 
 __all__ = [
     "hooked_available",
@@ -294,8 +295,13 @@ def load_bridge_state_dict(model: nn.Module, sd: Any, where: str) -> None:
     model.load_state_dict({k: sd[k].to(ref[k].dtype) for k in ref}, strict=True)
 
 
-def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A ``TransformerBridge`` over the HuggingFace causal LM saved in ``path`` (no network; eager attention)."""
+def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   tokenizer: Any = None):
+    """A ``TransformerBridge`` over the HuggingFace causal LM saved in ``path`` (no network; eager attention).
+
+    ``tokenizer`` None: the directory has none (what a training run leaves); the bridge is then
+    built around the module without one (``boot_transformers`` would try to load it and fail).
+    """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -303,28 +309,42 @@ def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch
     if not (p / "config.json").is_file():
         raise ModelError(f"{str(p)!r} holds no config.json; expected a directory written by save_pretrained")
     try:
-        arch = (AutoConfig.from_pretrained(str(p), local_files_only=True).architectures or [None])[0]
+        hf_cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read the config in {str(p)!r}: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the config in {str(p)!r}: {first_line(exc)}") from None
+    arch = (hf_cfg.architectures or [None])[0]
     if arch is None:
         raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot convert: its config.json names none")
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
                                                   attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - missing, corrupt or foreign weight files raise many types
-        raise ModelError(f"could not load the weights in {str(p)!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ModelError(f"could not load the weights in {str(p)!r}: {type(exc).__name__}: {first_line(exc)}") from None
     try:
-        model = TransformerBridge.boot_transformers(str(p), hf_model=hf, dtype=dtype, device=device)
+        if tokenizer is not None:
+            model = TransformerBridge.boot_transformers(str(p), hf_model=hf, dtype=dtype, device=device,
+                                                        tokenizer=tokenizer)
+        else:
+            model = _bridge_without_tokenizer(hf, arch, dtype, device, str(p))
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - an architecture without an adapter raises several types
-        raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot convert ({arch}): {_first_line(exc)}") from None
+        raise ModelError(f"{str(p)!r} holds an architecture TransformerLens cannot convert ({arch}): {first_line(exc)}") from None
     if getattr(model.cfg, "original_architecture", None) is None:
         model.cfg.original_architecture = arch
     return model.eval()
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _bridge_without_tokenizer(hf: nn.Module, arch: str, dtype: torch.dtype, device: str, where: str):
+    try:
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+    except ImportError:  # TransformerLens 3.x's bridge: boot_transformers needs a tokenizer
+        raise ModelError(
+            f"{where!r} has no tokenizer files and this TransformerLens version's bridge needs one; "
+            "give one with --tokenizer DIR (load_model(..., tokenizer=DIR))"
+        ) from None
+    return build_bridge_from_module(hf.to(device), arch, hf_config=hf.config, tokenizer=None, dtype=dtype,
+                                    device=device, model_name=where)
 
 
 def load_named_bridge(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -335,6 +355,36 @@ def load_named_bridge(name: str, *, device: str = "cpu", dtype: torch.dtype = to
         return TransformerBridge.boot_transformers(name, dtype=dtype, device=device).eval()
     except Exception as exc:  # the hub raises many types (network, unknown name)
         raise ModelError(
-            f"could not load pretrained model {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"could not load pretrained model {name!r} ({type(exc).__name__}: {first_line(exc)}); "
             "accepted: 'toy', a local HuggingFace directory, or a model name (needs network)"
         ) from None
+
+
+def bridge_parameter_names(model: nn.Module, kind: str, layers: Any = None) -> list[str]:
+    """Names (as ``named_parameters`` gives them) of a bridge's attention ``"qk"`` or ``"values"`` parameters.
+
+    Raises:
+        SelectionError: the architecture stores q, k and v in one matrix (GPT-2, GPT-NeoX): they
+            cannot be stepped apart.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    subs = ("q", "k") if kind == "qk" else ("v",)
+    out: list[str] = []
+    for layer, block in enumerate(model.blocks):
+        if layers is not None and layer not in layers:
+            continue
+        attn = getattr(block, "attn", None)
+        if attn is None:
+            continue
+        own = {s: [p for p in getattr(attn, s).parameters()] if hasattr(attn, s) else [] for s in ("q", "k", "v")}
+        other = {id(p) for s in ("q", "k", "v") if s not in subs for p in own[s]}
+        for s in subs:
+            for p in own[s]:
+                if id(p) in other or id(p) not in names:
+                    raise SelectionError(
+                        f"layer {layer} stores q, k and v in one matrix: its {kind} parameters cannot be stepped "
+                        "apart; step 'all'"
+                    )
+                if p.is_floating_point() and names[id(p)] not in out:
+                    out.append(names[id(p)])
+    return out

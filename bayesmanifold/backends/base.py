@@ -1,11 +1,11 @@
-"""The model-access layer: everything bayesmanifold knows about a model's internals, in one place.
+"""The backend interface: everything bayesmanifold asks of a model, in one place.
 
-Analyses never read hook names, head counts, masks or attention scales themselves: they ask a
-:class:`ModelAccess` for them, by *site* (what a tensor is, e.g. ``"pattern"`` or
-``"resid_post"``), and capture maps sites to the backend's hook points. This module is the
-HookedTransformer backend (TransformerLens 2.18 and 3.x, and any ``HookedRootModule`` named like
-TransformerLens); another backend is another class with the same methods, chosen by
-:func:`model_access`.
+Capture and every analysis ask a :class:`Backend` for what they need, by *site* (what a tensor
+is, e.g. ``"pattern"`` or ``"resid_post"``): hook points, head counts, masks, attention scales,
+the softmax's dtype, token ids from text, weights and parameter names. Each kind of model has one
+backend (:mod:`.hooked`: ``HookedTransformer``; :mod:`.bridge`: ``TransformerBridge``), chosen by
+:func:`bayesmanifold.backends.model_access`; no code outside this package reads a model's
+config, tokenizer or modules.
 
 Sites, with TransformerLens's shapes:
 
@@ -17,10 +17,12 @@ Sites, with TransformerLens's shapes:
   what the unembedding reads) ``[batch, pos, d_model]``.
 """
 
+import copy
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,13 +35,12 @@ from .selection import select_heads, select_layers
 
 __all__ = [
     "AttentionLayerInfo",
-    "ModelAccess",
-    "model_access",
-    "select_layers",
-    "select_heads",
+    "Backend",
     "ATTN_SITES",
     "BLOCK_SITES",
     "MODEL_SITES",
+    "CORE_SITES",
+    "SITE_ORDER",
 ]
 
 ATTN_SITES = ("q", "k", "v", "z", "scores", "pattern")
@@ -74,67 +75,99 @@ class AttentionLayerInfo:
     softmax_dtype: torch.dtype | None = None  # set when the softmax runs in another dtype than the model
 
 
-def _require_hooked(model: object) -> None:
-    try:
-        from transformer_lens.hook_points import HookedRootModule
-    except ImportError:  # TransformerLens 4 exports it from the top level only
-        from transformer_lens import HookedRootModule
+class Backend:
+    """What bayesmanifold knows about one kind of model: facts, sites, inputs, weights and loading.
 
-    if not isinstance(model, HookedRootModule):
-        raise ModelError(
-            f"expected a TransformerLens model (HookedTransformer or another HookedRootModule), "
-            f"got {type(model).__name__}; load HuggingFace models with bayesmanifold.load_model"
-        )
+    A backend wraps one model (``Backend(model)``) and answers by site, so that capture and every
+    analysis work on any model some backend handles. A subclass says which models it handles
+    (:meth:`handles`), discovers the attention layers in ``__init__`` (filling :attr:`layers`),
+    and overrides what differs for its kind; its classmethods build and load models of that kind.
+    The registry (:mod:`.registry`) lists the backends: a new one is one file plus one line there.
 
-
-class ModelAccess:
-    """Facts about a TransformerLens ``HookedRootModule`` and the names of its hook points.
-
-    Args:
-        model: a ``HookedTransformer`` or any ``HookedRootModule`` named like TransformerLens.
-
-    Raises:
-        ModelError: the model is not a ``HookedRootModule`` or has no attention layer with the
-            four hook points capture needs.
+    Attributes:
+        model: the wrapped model.
+        cfg: its config (TransformerLens's field names: n_layers, n_heads, d_head, ...).
+        layers: the attention layers capture can read, with their static facts.
     """
 
-    backend = "HookedTransformer"
+    #: the backend's name, as results and errors report it
+    name: ClassVar[str] = "base"
     #: site -> hook point name inside ``blocks.{layer}`` (rotary q/k are read at ``hook_rot_*``)
-    SITE_NAMES: dict[str, str] = _TL_NAME
+    SITE_NAMES: ClassVar[dict[str, str]] = _TL_NAME
+    #: the embedding output's hook point: where capture starts the gradient path
+    EMBED_HOOK: ClassVar[str] = "hook_embed"
     #: the final normalised residual's hook point
-    FINAL_HOOK = "ln_final.hook_normalized"
+    FINAL_HOOK: ClassVar[str] = "ln_final.hook_normalized"
     #: The dtype the softmax is taken in, when it differs from the model's (None: the model's).
     softmax_dtype: torch.dtype | None = None
 
-    def __init__(self, model: nn.Module) -> None:
-        _require_hooked(model)
-        self.model = model
-        self.cfg = getattr(model, "cfg", None)
-        found: dict[int, set[str]] = {}
-        for name in model.hook_dict:
-            m = _LAYER_RE.match(name)
-            if m:
-                found.setdefault(int(m.group(1)), set()).add(m.group(2))
-        needed = {_TL_NAME[s].split(".")[-1] for s in CORE_SITES}
-        complete = sorted(layer for layer, names in found.items() if needed <= names)
-        if not complete:
-            raise ModelError(
-                f"{type(model).__name__} has no attention layer with hook points "
-                f"blocks.L.attn.{{{', '.join(sorted(needed))}}}; is it a TransformerLens model?"
-            )
-        self.layers: dict[int, AttentionLayerInfo] = {}
-        for layer in complete:
-            attn = model.get_submodule(f"blocks.{layer}.attn")
-            acfg = getattr(attn, "cfg", None)
-            n_heads = getattr(acfg, "n_heads", None)
-            n_kv = getattr(acfg, "n_key_value_heads", None) or n_heads
-            scale = getattr(attn, "attn_scale", None)
-            self.layers[layer] = AttentionLayerInfo(
-                layer=layer,
-                n_heads=int(n_heads) if n_heads is not None else None,
-                n_kv_heads=int(n_kv) if n_kv is not None else None,
-                attn_scale=float(scale) if scale is not None else None,
-            )
+    model: nn.Module
+    cfg: Any
+    layers: dict[int, AttentionLayerInfo]
+
+    def __init__(self, model: nn.Module) -> None:  # pragma: no cover - every backend has its own
+        raise NotImplementedError(f"{type(self).__name__} must discover the model's attention layers")
+
+    def __repr__(self) -> str:
+        return f"<{self.name} backend: {type(self.model).__name__}, {len(self.layers)} attention layers>"
+
+    # ------------------------------------------------------------------ which models; building and loading
+    @classmethod
+    def handles(cls, model: object) -> bool:
+        """Whether this backend handles ``model`` (the registry asks each backend in turn)."""
+        return False
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the installed libraries can build and load models of this kind."""
+        return False
+
+    @classmethod
+    def build(cls, fields: dict[str, Any], *, seed: int, device: str | torch.device, dtype: torch.dtype,
+              tokenizer: Any = None) -> nn.Module:
+        """A freshly initialised model from HookedTransformerConfig fields, its weights drawn from
+        the global generator seeded with ``seed`` (the registry calls it inside ``keep_global_rng``)."""
+        raise NotImplementedError(f"the {cls.name} backend cannot build a model from a config")
+
+    @classmethod
+    def load_hf(cls, path: Path, *, dtype: torch.dtype, tokenizer: Any = None) -> nn.Module:
+        """The HuggingFace causal LM saved in ``path``, with no network; ``tokenizer`` None: it has none."""
+        raise NotImplementedError(f"the {cls.name} backend cannot load HuggingFace directories")
+
+    @classmethod
+    def load_named(cls, name: str, *, device: str, dtype: torch.dtype) -> nn.Module:
+        """A pretrained model by name (needs the hub)."""
+        raise NotImplementedError(f"the {cls.name} backend cannot load models by name")
+
+    def load_state_dict(self, sd: Any, where: str) -> None:
+        """Load ``sd`` (read from ``where``; either checkpoint format) into the model, in its dtypes."""
+        raise NotImplementedError(f"the {self.name} backend cannot load state dicts")
+
+    def config_fields(self) -> dict[str, Any]:
+        """The model's config as HookedTransformerConfig fields (what :meth:`build` takes)."""
+        raise NotImplementedError(f"the {self.name} backend has no HookedTransformer config")
+
+    def fresh_copy(self, seed: int = 0) -> nn.Module:
+        """A newly initialised model with this one's config, on the CPU (global RNGs left as found)."""
+        from .registry import build_model
+
+        return build_model(self.config_fields(), seed=seed, dtype=self.dtype)
+
+    def in_dtype(self, dtype: torch.dtype) -> nn.Module:
+        """The model in ``dtype``: itself when it already is, else a converted deep copy (the
+        user's model is never converted in place)."""
+        if self.dtype == dtype:
+            return self.model
+        m = copy.deepcopy(self.model).to(dtype)
+        cfg = getattr(m, "cfg", None)
+        if cfg is not None and hasattr(cfg, "dtype"):
+            cfg.dtype = dtype
+        return m
+
+    def parameter_names(self, kind: str, layers: Sequence[int] | None = None) -> list[str]:
+        """Names of the floating-point parameters of one kind: ``"all"``, attention ``"qk"`` or
+        ``"values"`` (restricted to ``layers``; None: all); may be empty."""
+        return [n for n, p in self.model.named_parameters() if torch.is_floating_point(p)] if kind == "all" else []
 
     # ------------------------------------------------------------------ facts
     def _cfg(self, name: str) -> Any:
@@ -203,7 +236,7 @@ class ModelAccess:
     def hook_name(self, site: str, layer: int | None = None) -> str:
         """The hook point of ``site`` (of ``layer`` for per-layer sites)."""
         if site == "embed":
-            return "hook_embed"
+            return self.EMBED_HOOK
         if site == "final":
             return self.FINAL_HOOK
         if site not in self.SITE_NAMES:
@@ -227,6 +260,10 @@ class ModelAccess:
             raise SelectionError(f"{type(self.model).__name__} has no hook point {name!r} (site {site!r})")
         return self.model.hook_dict[name]
 
+    def embed_point(self) -> nn.Module | None:
+        """The embedding output's hook point (where capture starts the gradient path), or None."""
+        return self.model.hook_dict.get(self.EMBED_HOOK)
+
     def add_forward_hook(self, site: str, layer: int | None, fn: Any) -> Any:
         """Register a plain PyTorch forward hook ``fn(module, inputs, output)``; returns its handle."""
         return self.hook_point(site, layer).register_forward_hook(fn)
@@ -245,10 +282,40 @@ class ModelAccess:
         n = self.layers[layer].n_heads if layer in self.layers and self.layers[layer].n_heads else self.n_heads
         return select_heads(n, heads, layer=layer)
 
+    @property
+    def text_encoding(self) -> str | None:
+        """How text becomes token ids: ``"tokenizer"``, ``"utf8-bytes"`` (no tokenizer, but the
+        vocabulary covers the 256 byte values, as our byte-level models) or None (it cannot)."""
+        if self.tokenizer is not None:
+            return "tokenizer"
+        return "utf8-bytes" if (self.d_vocab or 0) >= 256 else None
+
+    def _no_text(self) -> InputError:
+        return InputError(
+            f"got text but the model has no tokenizer (and its vocabulary of {self.d_vocab} does not cover the "
+            "256 byte values); give token ids, or a tokenizer: --tokenizer DIR on the command line, "
+            "load_model(..., tokenizer=DIR) in the library"
+        )
+
     def to_tokens(self, text: str | list[str]) -> Int[Tensor, "batch pos"]:
+        """Token ids of text through the model's tokenizer (TransformerLens's ``to_tokens``, never truncated)."""
         if self.tokenizer is None:
-            raise InputError("got text but the model has no tokenizer; pass token ids Int[batch, pos]")
+            raise self._no_text()
         return self.model.to_tokens(text, truncate=False)  # TL would truncate to n_ctx silently
+
+    def encode(self, text: str) -> Int[Tensor, " pos"]:
+        """Token ids ``[pos]`` (int64, CPU) of one text: the tokenizer's (with its BOS, as
+        ``to_tokens``), else the UTF-8 bytes for a byte-vocabulary model (:attr:`text_encoding`).
+
+        Raises:
+            InputError: the model can read neither (no tokenizer, vocabulary under 256).
+        """
+        how = self.text_encoding
+        if how == "tokenizer":
+            return self.to_tokens(text)[0].cpu().long()
+        if how == "utf8-bytes":
+            return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+        raise self._no_text()
 
     def as_tokens(self, tokens: Any) -> Int[Tensor, "batch pos"]:
         """Token ids ``[batch, pos]`` (int64) from ids of any integer dtype or text; checked against the vocabulary and n_ctx."""
@@ -276,8 +343,8 @@ class ModelAccess:
         real tokens: pad tokens then enter neither the loss nor any statistic.
         """
         if isinstance(text, str):
-            return self.to_tokens(text), None
-        rows = [self.to_tokens(s)[0] for s in text]
+            return self.encode(text)[None].to(self.device), None
+        rows = [self.encode(s) for s in text]
         n = max(len(r) for r in rows)
         if all(len(r) == n for r in rows):
             return torch.stack(rows), None
@@ -327,12 +394,9 @@ class ModelAccess:
 
     # ------------------------------------------------------------------ weights
     def key_weights(self, layer: int) -> tuple[Float[Tensor, "kv_head d_model d_head"], Tensor | None]:
-        """``W_K`` and ``b_K`` per kv head (unexpanded under GQA; ``b_K`` may be None)."""
+        """``W_K`` ``[kv_head, d_model, d_head]`` (unexpanded under GQA) and ``b_K`` (None without a bias)."""
         attn = self.model.blocks[layer].attn
-        W = getattr(attn, "_W_K", None)
-        b = getattr(attn, "_b_K", None)
-        if W is None:
-            W, b = attn.W_K, getattr(attn, "b_K", None)
+        W, b = attn.W_K, getattr(attn, "b_K", None)
         return W.detach(), (None if b is None else b.detach())
 
     def token_embedding(self) -> Float[Tensor, "d_vocab d_model"]:
@@ -353,12 +417,3 @@ class ModelAccess:
         return resid if ln is None else ln(resid)
 
 
-def model_access(model: Any) -> ModelAccess:
-    """The model-access backend for ``model`` (a :class:`ModelAccess` is returned as is)."""
-    if isinstance(model, ModelAccess):
-        return model
-    from .bridge import BridgeAccess, is_bridge  # TransformerLens 4 has no HookedTransformer
-
-    if is_bridge(model):
-        return BridgeAccess(model)
-    return ModelAccess(model)
