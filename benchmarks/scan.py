@@ -42,17 +42,14 @@ from pathlib import Path
 
 
 def _build(args):
-    import torch
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from bayesmanifold.backends import build_model
 
-    cfg = HookedTransformerConfig(
+    # a HookedTransformer on TransformerLens 2.18/3.x, a native TransformerBridge of the same shape on 4.x
+    cfg = dict(
         n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, d_head=args.d_model // args.heads,
         d_mlp=4 * args.d_model, n_ctx=args.seq, d_vocab=args.vocab, act_fn="gelu_new", normalization_type="LN",
-        device=args.device, dtype=torch.float32,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return HookedTransformer(cfg).eval()
+    return build_model(cfg, seed=0, device=args.device, dtype="float32").eval()
 
 
 def _config(args, corpus: str, factor: int = 1):

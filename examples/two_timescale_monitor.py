@@ -15,9 +15,9 @@ import math
 import sys
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from bayesmanifold import DynamicsMonitor, measure_calibration
+from bayesmanifold.backends import build_model
 from bayesmanifold.windtunnels.bijection import BijectionTask
 
 
@@ -35,13 +35,14 @@ def main(argv=None) -> dict:
     steps = args.steps or (60 if args.quick else 3000)
     every = args.every or (10 if args.quick else 100)
     d_model, n_layers = (32, 1) if args.quick else (64, 2)
-    cfg = HookedTransformerConfig(
+    cfg = dict(
         n_layers=n_layers, d_model=d_model, n_heads=4, d_head=d_model // 4, d_mlp=4 * d_model,
         d_vocab=task.d_vocab, n_ctx=task.seq_len, act_fn="gelu", normalization_type="LN",
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(args.seed)
-        model = HookedTransformer(cfg)
+    # seeded init without touching the caller's RNG: the classic hooked model on TransformerLens 2.18/3.x,
+    # a native TransformerBridge on 4.x
+    model = build_model(cfg, seed=args.seed)
+    model.train()
 
     gen = torch.Generator().manual_seed(args.seed)
     probe = task.sample(32, generator=args.seed + 1)

