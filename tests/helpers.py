@@ -91,8 +91,8 @@ def make_model(dtype=torch.float64, seed=0, **overrides):
     if cfg.get("attn_only"):
         cfg["d_mlp"] = None
     if not HAS_HOOKED:
-        from bayesmanifold.errors import ModelError
         from bayesmanifold.backends.bridge_loading import build_native
+        from bayesmanifold.errors import ModelError
 
         with torch.random.fork_rng(devices=[]):
             try:

@@ -41,7 +41,7 @@ _WHERE = {
     "positive_feedback_probe": "feedback",
     "DynamicsMonitor": "monitor",
     "DynamicsResult": "dynamics",
-    "replay": "dynamics",
+    "replay": "monitor",
     "Paper3Result": "paper3",
     "paper3_protocol": "paper3",
     "RoutingMap": "routing_maps",

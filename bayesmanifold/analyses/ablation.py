@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from ..errors import InputError
 from ..backends import model_access
+from ..errors import InputError
 from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
 from ..hooks.interventions import ablated_head

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..errors import InputError
 from ..backends import model_access
 from ..backends.batch import Batch, Positions, position_mask
+from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from .stats import entropy

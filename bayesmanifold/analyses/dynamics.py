@@ -31,24 +31,15 @@ checkpoints before the last (which is 0 by construction). Both rules live in
 monitor after training.
 """
 
-import copy
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 
-from ..errors import CheckpointError, InputError
-from ..backends import model_access
+from ..errors import InputError
 from .stats import settling_step, stabilization_step
 
-if TYPE_CHECKING:
-    from .monitor import DynamicsMonitor
-
-__all__ = ["DynamicsResult", "replay"]
+__all__ = ["DynamicsResult"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -290,80 +281,3 @@ class DynamicsResult:
             value_distance_to_final=get("value_distance_to_final"),
             settle_tol=float(state.get("settle_tol", 0.1)),
         )
-
-
-_STEP_RE = re.compile(r"step_(\d+)\.pt$")
-
-
-def _snapshot_list(snapshots: str | Path | Iterable[str | Path]) -> list[tuple[int, Path]]:
-    if isinstance(snapshots, str | Path):
-        p = Path(snapshots)
-        if p.is_dir() and (p / "snapshots").is_dir():
-            p = p / "snapshots"
-        if not p.is_dir():
-            raise CheckpointError(f"snapshot directory {str(p)!r} does not exist")
-        files = list(p.glob("step_*.pt"))
-    else:
-        files = [Path(x) for x in snapshots]
-    out = []
-    for f in files:
-        m = _STEP_RE.search(f.name)
-        if not m:
-            raise CheckpointError(f"snapshot file {str(f)!r} is not named step_XXXXXX.pt")
-        if not f.is_file():
-            raise CheckpointError(f"snapshot file {str(f)!r} does not exist")
-        out.append((int(m.group(1)), f))
-    if not out:
-        raise CheckpointError(f"no step_XXXXXX.pt snapshots found in {str(snapshots)!r}")
-    return sorted(out)
-
-
-def replay(
-    snapshots: str | Path | Iterable[str | Path],
-    model: Any,
-    monitor: "DynamicsMonitor | None" = None,
-    *,
-    max_snapshots: int | None = None,
-    max_step: int | None = None,
-    **monitor_kwargs: Any,
-) -> DynamicsResult:
-    """Load each weight snapshot into a copy of ``model`` and feed it to a monitor.
-
-    Args:
-        snapshots: a directory of ``step_XXXXXX.pt`` state_dicts (or a checkpoint directory with a
-            ``snapshots/`` sub-directory), or a list of such files.
-        model: a model of the snapshots' architecture (not modified: a deep copy is loaded).
-        monitor: the monitor to feed; else one is built from ``monitor_kwargs`` (needs
-            ``probe_tokens``).
-        max_snapshots: use at most this many, evenly spaced (first and last kept).
-        max_step: only snapshots up to this step (e.g. the end of a multi-stage run's first,
-            from-scratch stage: a warm start with a fresh optimiser restarts the drifts).
-    """
-    model_access(model)  # a hooked model, or ModelError before any file is read
-    snaps = _snapshot_list(snapshots)
-    if max_step is not None:
-        kept = [(st, f) for st, f in snaps if st <= max_step]
-        if not kept:
-            raise InputError(f"no snapshot at or before step {max_step}; the first is at step {snaps[0][0]}")
-        snaps = kept
-    if max_snapshots is not None and len(snaps) > max_snapshots:
-        idx = np.unique(np.linspace(0, len(snaps) - 1, int(max_snapshots)).round().astype(int))
-        snaps = [snaps[i] for i in idx]
-    if monitor is None:
-        if "probe_tokens" not in monitor_kwargs:
-            raise InputError("replay needs a monitor or probe_tokens=... to build one")
-        from .monitor import DynamicsMonitor
-
-        monitor = DynamicsMonitor(**monitor_kwargs)
-    work = copy.deepcopy(model)
-    for step, path in snaps:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt or foreign files raise many types
-            raise CheckpointError(f"could not load snapshot {str(path)!r}: {type(exc).__name__}: {exc}") from None
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        model_access(work).load_state_dict(sd, f"snapshot {str(path)!r}")
-        monitor.record(work, step)
-    del work
-    return monitor.result()

@@ -27,9 +27,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import InputError
 from ..backends import model_access
 from ..backends.batch import Batch, Positions, position_mask
+from ..errors import InputError
 from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
 from .manifold import ManifoldAccumulator, ManifoldResult

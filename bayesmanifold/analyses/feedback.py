@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..hooks import next_token_loss
 from ..backends import model_access
+from ..hooks import next_token_loss
 from ..hooks.interventions import parameter_names, stepped_copy
 from .stats import pearson
 from .value_updates import check_lr, kept_bundles

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..hooks import capture
 from ..backends import model_access
 from ..backends.batch import Batch
+from ..errors import InputError
+from ..hooks import capture
 from ..hooks.bundle import LayerBundle
 
 __all__ = ["InductionAccumulator", "InductionResult", "induction_scores", "repeated_random_tokens", "induction_targets",

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import InputError
 from ..backends import model_access
+from ..errors import InputError
 
 __all__ = ["mean_offdiag_cosine", "KeyOrthogonalityResult", "key_orthogonality"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..backends import model_access
 from ..backends.batch import Batch
+from ..errors import ConfigError
 from ..hooks.capture import capture
 from ..hooks.interventions import parameter_names, stepped_copy
 from ..hooks.objectives import Objective

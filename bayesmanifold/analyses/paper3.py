@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
 from ..backends import model_access
 from ..backends.batch import Batch
+from ..errors import InputError
 from ..hooks.bundle import OutputBundle
 from ..hooks.capture import capture
 from .attention import AttentionEntropyAccumulator

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
 from ..backends.batch import Batch
+from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
 from ..hooks.objectives import Objective

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..backends import model_access
 from ..errors import InputError, SelectionError
 from ..hooks import capture
-from ..backends import model_access
 from ..hooks.bundle import LayerBundle
 from ..hooks.objectives import loss_at_positions, next_token_loss
 from .stats import entropy

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..backends import model_access
 from ..errors import InputError
 from ..hooks import Batch, capture
-from ..backends import model_access
 from .stats import entropy
 
 __all__ = ["SpecializationAccumulator", "SpecializationResult", "specialization"]
@@ -143,7 +143,7 @@ class SpecializationAccumulator:
         label: the batch label holding the groups.
 
     Example:
-        >>> acc = SpecializationAccumulator([0, 1], model.cfg.n_heads, 4)  # doctest: +SKIP
+        >>> acc = SpecializationAccumulator([0, 1], model_access(model).n_heads, 4)  # doctest: +SKIP
         >>> with capture(model, accumulators=[acc]) as cap:  # doctest: +SKIP
         ...     cap.run(Batch(tokens=toks, labels={"group": toks % 4}))
         >>> acc.finalize().to_dataframe()  # doctest: +SKIP

@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..backends import model_access
 from ..errors import ConfigError, InputError
 from ..hooks import LayerBundle, capture, next_token_loss
-from ..backends import model_access
 from ..hooks.interventions import parameter_names, stepped_copy
 
 __all__ = ["ValueUpdateAlignmentResult", "value_update_alignment"]

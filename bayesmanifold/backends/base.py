@@ -17,7 +17,9 @@ Sites, with TransformerLens's shapes:
   what the unembedding reads) ``[batch, pos, d_model]``.
 """
 
+import contextlib
 import copy
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError, ModelError, SelectionError
 from .batch import Batch
+from .loading import keep_global_rng
 from .selection import select_heads, select_layers
 
 __all__ = [
@@ -149,9 +152,8 @@ class Backend:
 
     def fresh_copy(self, seed: int = 0) -> nn.Module:
         """A newly initialised model with this one's config, on the CPU (global RNGs left as found)."""
-        from .registry import build_model
-
-        return build_model(self.config_fields(), seed=seed, dtype=self.dtype)
+        with contextlib.redirect_stdout(io.StringIO()), keep_global_rng():
+            return type(self).build(self.config_fields(), seed=seed, device="cpu", dtype=self.dtype)
 
     def in_dtype(self, dtype: torch.dtype) -> nn.Module:
         """The model in ``dtype``: itself when it already is, else a converted deep copy (the

@@ -27,7 +27,7 @@ from . import bridge_loading
 from .base import _TL_NAME, CORE_SITES, AttentionLayerInfo, Backend
 from .loading import first_line
 
-__all__ = ["HookedBackend"]
+__all__ = ["HookedBackend", "hooked_transformer_classes", "tl_hook_classes"]
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.attn\.(hook_attn_scores|hook_pattern|hook_v|hook_z)$")
 # HookedTransformer attention parameter names of each kind (``_W_K`` etc. under GQA).
@@ -49,6 +49,24 @@ def _hooked_root() -> type | None:
         except ImportError:
             return None
     return HookedRootModule
+
+
+def tl_hook_classes() -> tuple[type, type]:
+    """``(HookPoint, HookedRootModule)`` of the installed TransformerLens, for models written on its
+    hook points (the experiments' hand-built models)."""
+    from transformer_lens.hook_points import HookPoint
+
+    return HookPoint, _hooked_root()
+
+
+def hooked_transformer_classes() -> tuple[type, type]:
+    """``(HookedTransformer, HookedTransformerConfig)``; ModelError on TransformerLens 4, which has none."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        raise ModelError("this model needs TransformerLens's HookedTransformer (2.18 or 3.x); "
+                         "TransformerLens 4 removed it") from None
+    return HookedTransformer, HookedTransformerConfig
 
 
 class HookedBackend(Backend):

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, InputError
 from ..backends import model_access
 from ..backends.batch import Batch
+from ..errors import CheckpointError, ConfigError, InputError
 from ..hooks.capture import capture
 from .config import IDENTITY_FIELDS, ScanConfig
 from .data import read_corpus, split_range

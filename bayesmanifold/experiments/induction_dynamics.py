@@ -40,9 +40,9 @@ from ..analyses.induction import (
     repeated_random_tokens,
 )
 from ..analyses.stats import pearson
-from ..hooks import capture
 from ..backends import model_access
 from ..backends.batch import Batch
+from ..hooks import capture
 from ..io import atomic_write_json, ensure_dir
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.snapshots import list_snapshots
@@ -259,7 +259,7 @@ def induction_dynamics(checkpoint: str, *, n_seqs: int = 16, half: int = 48, see
                       else "after" if r["step"] >= end else "during")
     dyn: dict[str, Any] = {}
     if replay_dynamics:
-        from ..analyses.dynamics import replay
+        from ..analyses.monitor import replay
 
         dres = replay(resolve_checkpoint(checkpoint) / "snapshots", model, probe_tokens=pr["code"][0], every=1)
         dyn = {**dres.summary(), "steps": dres.steps.tolist(),

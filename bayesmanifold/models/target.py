@@ -109,10 +109,10 @@ def open_target(spec: str, *, task: str | None = None, device: str = "cpu", dtyp
             raise InputError(f"{spec!r} is a checkpoint: it brings its own tokenizer (or reads bytes)")
         model, tk, cfg, history = ck.load_checkpoint(ckpt_dir, device=device)
         if dt != torch.float32:
+            from .baselines import CausalMLP, LSTMModel
+
             with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the dtype change
-                model = model.to(dt)
-            if hasattr(model, "cfg") and hasattr(model.cfg, "dtype"):
-                model.cfg.dtype = dt
+                model = model.to(dt) if isinstance(model, LSTMModel | CausalMLP) else model_access(model).in_dtype(dt)
         return Target(model, tk, cfg, history, ckpt_dir, spec)
     try:
         model = load_model(spec, device=device, dtype=dt, seed=seed, tokenizer=tokenizer)

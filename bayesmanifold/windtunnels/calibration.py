@@ -23,8 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..errors import InputError, ModelError, TaskError
 from ..backends import model_access
+from ..errors import InputError, ModelError, TaskError
 from ..hooks.capture import capture
 from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
 

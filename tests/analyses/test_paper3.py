@@ -6,8 +6,8 @@ import torch
 
 from bayesmanifold.analyses.keys import key_orthogonality
 from bayesmanifold.analyses.paper3 import paper3_protocol
-from bayesmanifold.errors import InputError
 from bayesmanifold.backends import toy_model
+from bayesmanifold.errors import InputError
 
 PROMPTS = ["The cat sat on the", "2 + 2 =", "Once upon a time", "def f(x): return", "alpha beta gamma", "", "x y z w v u"]
 
@@ -51,8 +51,8 @@ def test_paper3_and_analyze_on_a_local_gqa_llama(hf_llama_dir, tmp_path):
     """A pretrained-style model (GQA 4:2, rotary, tokenizer) loaded offline from a directory."""
     import json
 
-    from bayesmanifold.cli import main
     from bayesmanifold.backends import load_model
+    from bayesmanifold.cli import main
 
     model = load_model(str(hf_llama_dir))
     assert model.cfg.n_key_value_heads == 2

@@ -9,9 +9,9 @@ import torch
 from helpers import hook_count, make_model, needs_hooked_scores_cache
 
 from bayesmanifold.analyses import RoutingMap, RoutingMapAccumulator, routing_map
+from bayesmanifold.backends import toy_model
 from bayesmanifold.errors import InputError, SelectionError
 from bayesmanifold.hooks import capture
-from bayesmanifold.backends import toy_model
 
 
 def _oracle(model, tokens):

@@ -9,9 +9,9 @@ import torch
 from helpers import hook_count, make_model
 
 from bayesmanifold.analyses.value_updates import kept_bundles, value_update_alignment
+from bayesmanifold.backends import model_access
 from bayesmanifold.errors import ConfigError, InputError
 from bayesmanifold.hooks import next_token_loss
-from bayesmanifold.backends import model_access
 from bayesmanifold.hooks.interventions import parameter_names, stepped_copy
 
 

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from bayesmanifold.analyses import RoutingLawCheck
-from bayesmanifold.backends import BACKENDS, Backend, build_model, load_model, model_access, registry
+from bayesmanifold.backends import (
+    BACKENDS,
+    Backend,
+    build_model,
+    load_model,
+    model_access,
+    registry,
+)
 from bayesmanifold.errors import BayesManifoldError, ModelError
 from bayesmanifold.hooks import capture
 

@@ -105,8 +105,8 @@ def test_figures_are_heatmaps_embedded_in_the_page(model, corpus, tmp_path):
 
 @pytest.mark.parametrize("kv", [None, 2])
 def test_value_update_norms_match_a_direct_computation(model, corpus, kv):
-    from bayesmanifold.corpus.data import read_corpus
     from bayesmanifold.backends import model_access
+    from bayesmanifold.corpus.data import read_corpus
 
     if kv is not None:  # grouped-query attention: each query head's own Σ_i α_ij u_i
         model = make_model(d_vocab=256, n_ctx=64, n_key_value_heads=kv)
@@ -124,8 +124,8 @@ def test_value_update_norms_match_a_direct_computation(model, corpus, kv):
 
 
 def test_restored_state_finalizes_exactly_like_the_original(model, corpus):
-    from bayesmanifold.corpus.data import read_corpus
     from bayesmanifold.backends import model_access
+    from bayesmanifold.corpus.data import read_corpus
 
     access = model_access(model)
     shape = ModelShape(access.n_layers, access.n_heads, access.n_kv_heads, access.d_head, (0, 1))

@@ -6,7 +6,7 @@ from helpers import needs_hooked
 
 from bayesmanifold.errors import ConfigError, TaskError
 from bayesmanifold.experiments.em_vs_sgd.deep import DeepConfig, run_deep_variant
-from bayesmanifold.hooks.sticky_models import DeepStickyModel
+from bayesmanifold.experiments.em_vs_sgd.sticky_models import DeepStickyModel
 
 
 @needs_hooked

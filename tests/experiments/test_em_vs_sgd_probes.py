@@ -12,8 +12,8 @@ from bayesmanifold.analyses import RoutingLawCheck
 from bayesmanifold.errors import InputError
 from bayesmanifold.experiments.em_vs_sgd import attention_forward_backward, init_weights
 from bayesmanifold.experiments.em_vs_sgd.probes import probe_checkpoints, stabilisation_step
+from bayesmanifold.experiments.em_vs_sgd.sticky_models import SingleHeadHooked
 from bayesmanifold.hooks import capture
-from bayesmanifold.hooks.sticky_models import SingleHeadHooked
 from bayesmanifold.windtunnels.sticky_chain import StickyChainConfig, sample_sticky_chain
 
 

@@ -15,8 +15,8 @@ import torch
 from helpers import HAS_HOOKED, hook_count, make_model, needs_bridge, needs_native_bridge
 
 from bayesmanifold.analyses.routing_law import RoutingLawCheck, verify_routing_law
-from bayesmanifold.errors import ModelError, ObjectiveError
 from bayesmanifold.backends import model_access
+from bayesmanifold.errors import ModelError, ObjectiveError
 from bayesmanifold.hooks.capture import capture
 
 HF_ARCHS = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral", "gemma")

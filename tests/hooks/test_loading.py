@@ -5,8 +5,8 @@ import torch
 from helpers import HAS_HOOKED, needs_hooked
 
 from bayesmanifold.analyses import verify_routing_law
-from bayesmanifold.errors import ModelError
 from bayesmanifold.backends import load_hf_directory, load_model
+from bayesmanifold.errors import ModelError
 
 
 @pytest.mark.parametrize("fixture", ["hf_gpt2_dir", "hf_llama_dir"])

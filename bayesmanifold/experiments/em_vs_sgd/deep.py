@@ -7,7 +7,7 @@ trained on one sequence and tested on a fresh one (seed + 10000); it reports the
 entropy minus ``H_min``. No numbers are published.
 
 Here the blocks are a ``HookedTransformer`` (so every analysis of the library attaches to it;
-the model is :class:`bayesmanifold.hooks.sticky_models.DeepStickyModel`) fed
+the model is :class:`bayesmanifold.experiments.em_vs_sgd.sticky_models.DeepStickyModel`) fed
 through ``model(h, start_at_layer=0)`` with ``h`` the projected 20-d inputs: the token and
 positional embeddings are skipped, as in the released model, which has no positional encoding.
 Differences, stated: TransformerLens has no dropout (the released model used 0.1 on attention
@@ -84,7 +84,7 @@ class DeepConfig:
 
 
 def _model(cfg: DeepConfig, seed: int) -> Any:
-    from ...hooks.sticky_models import DeepStickyModel  # imports TransformerLens: only when used
+    from .sticky_models import DeepStickyModel  # imports TransformerLens: only when used
 
     return DeepStickyModel(n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, seed=seed, device=cfg.device)
 

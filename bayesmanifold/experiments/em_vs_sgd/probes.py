@@ -5,7 +5,7 @@ predicts two timescales: the attention pattern (the "frame") stabilises early wh
 keep refining (PAPERS.md section 2). This module replays weights saved at checkpoints of one seed
 per method through the library's capture (:func:`bayesmanifold.hooks.capture`) on a small
 ``HookedRootModule`` version of the single head
-(:class:`bayesmanifold.hooks.sticky_models.SingleHeadHooked`), and measures per checkpoint:
+(:class:`bayesmanifold.experiments.em_vs_sgd.sticky_models.SingleHeadHooked`), and measures per checkpoint:
 
 * attention drift: mean over queries of the Jensen–Shannon divergence (nats) between the
   attention rows of successive checkpoints, divided by the number of steps between them;
@@ -140,7 +140,7 @@ def probe_checkpoints(
     """
     from ...analyses import AdvantageStats, RoutingLawCheck, SpecializationAccumulator
     from ...hooks import Batch, capture
-    from ...hooks.sticky_models import SingleHeadHooked
+    from .sticky_models import SingleHeadHooked
 
     x = inputs.to(dtype)[None]
     batch = Batch(tokens=x, labels={"group": groups.long()[None]})

@@ -235,3 +235,17 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
     """``n + 1`` evenly spaced checkpoints from 0 to ``steps`` (fewer if ``steps < n``)."""
     return sorted({int(round(v)) for v in np.linspace(0, steps, n + 1)})
 
+
+def worker_main() -> None:
+    """The worker process: read a job from stdin, train it, write the result to stdout."""
+    from ...allocator import keep_freed_memory
+    from .worker import _die_with_parent, _dumps, _loads
+
+    _die_with_parent()
+    torch.set_num_threads(1)
+    keep_freed_memory()  # this process is ours: keep freed pages (see bayesmanifold/allocator.py)
+    job = _loads(sys.stdin.buffer.read())
+    result = train_group(**job)
+    sys.stdout.buffer.write(_dumps(result))
+    sys.stdout.buffer.flush()
+

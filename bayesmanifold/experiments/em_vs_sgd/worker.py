@@ -8,7 +8,7 @@ the kernel's ops are short): on the 2-core CPU machine 36 runs × 150 steps took
 model-step on two threads and 5.8–5.9 ms on two processes.
 
 A worker is a fresh interpreter (``sys.executable -c``) that takes the caller's ``sys.path``,
-imports this module and calls :func:`main`: the caller's ``__main__`` is never re-imported
+imports the trainer module and calls its ``worker_main``: the caller's ``__main__`` is never re-imported
 (unlike ``multiprocessing``'s spawn), and the package it runs is the caller's, whatever the
 working directory holds. It runs on one intra-op thread with the C allocator tuned in its own
 process, and dies with its parent on Linux. The job and its result travel through its stdin and
@@ -29,7 +29,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["WorkerProcess", "main"]
+__all__ = ["WorkerProcess"]
+
+# the module whose worker_main a worker runs (named, not imported: the trainer imports this module)
+_ENTRY = __name__.rsplit(".", 1)[0] + ".trainer"
 
 _PATH_VAR = "BAYESMANIFOLD_WORKER_SYS_PATH"  # set in the worker's environment only
 
@@ -55,7 +58,7 @@ class WorkerProcess:
     def __init__(self, job: dict[str, Any]) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **{_PATH_VAR: json.dumps(sys.path)})
         code = f"import json, os, sys; sys.path[:] = json.loads(os.environ.pop({_PATH_VAR!r})); " \
-               f"from {__name__} import main; main()"
+               f"from {_ENTRY} import worker_main; worker_main()"
         self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env)
         self._out: tuple[bytes, bytes] | None = None
@@ -88,18 +91,3 @@ def _die_with_parent() -> None:
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-
-
-def main() -> None:
-    """The worker process: read a job from stdin, train it, write the result to stdout."""
-    from ...allocator import keep_freed_memory
-    from .trainer import train_group
-
-    _die_with_parent()
-    torch.set_num_threads(1)
-    keep_freed_memory()  # this process is ours: keep freed pages (see bayesmanifold/allocator.py)
-    job = _loads(sys.stdin.buffer.read())
-    result = train_group(**job)
-    sys.stdout.buffer.write(_dumps(result))
-    sys.stdout.buffer.flush()
-

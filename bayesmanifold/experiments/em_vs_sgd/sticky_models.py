@@ -19,14 +19,11 @@ import math
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
-try:
-    from transformer_lens.hook_points import HookedRootModule
-except ImportError:  # TransformerLens 4 exports it from the top level only
-    from transformer_lens import HookedRootModule
+from ...backends.hooked import hooked_transformer_classes, tl_hook_classes
+from ...errors import InputError
 
-from ..errors import InputError
+HookPoint, HookedRootModule = tl_hook_classes()
 
 __all__ = ["SingleHeadHooked", "DeepStickyModel"]
 
@@ -121,7 +118,7 @@ class DeepStickyModel(nn.Module):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        HookedTransformer, HookedTransformerConfig = hooked_transformer_classes()
 
         tl_cfg = HookedTransformerConfig(
             n_layers=n_layers,
