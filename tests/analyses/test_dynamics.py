@@ -9,8 +9,7 @@ import torch
 from helpers import hook_count, make_model, needs_hooked
 
 from bayesmanifold.analyses.dynamics import DynamicsResult
-from bayesmanifold.analyses.monitor import replay
-from bayesmanifold.analyses.monitor import DynamicsMonitor
+from bayesmanifold.analyses.monitor import DynamicsMonitor, replay
 from bayesmanifold.analyses.stats import js_divergence, settling_step, stabilization_step
 from bayesmanifold.errors import CheckpointError, ConfigError, InputError
 
