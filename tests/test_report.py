@@ -180,7 +180,7 @@ def test_claim_marks(held, mark, tmp_path):
 
 
 def test_only_tasks_with_an_exact_posterior_get_the_wind_tunnel_suite():
-    from bayesmanifold.report.suite import has_exact_posterior
+    from bayesmanifold.suite import has_exact_posterior
     from bayesmanifold.windtunnels.bijection import BijectionTask
 
     class Corpus:  # a text corpus task evaluates itself on held-out text: no posterior to compare with

@@ -64,7 +64,7 @@ def write_figures(result, out: str | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..backends import model_access
-    from ..report import SuiteConfig, run_suite
+    from ..suite import SuiteConfig, run_suite
 
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)

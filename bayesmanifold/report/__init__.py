@@ -1,7 +1,6 @@
 """The report: the papers' claims tested on a model, as one self-contained HTML page.
 
-- :mod:`.suite` and :mod:`.measure`: the geometry and dynamics suite shared by ``analyze``,
-  ``report`` and ``demo`` (a :class:`SuiteConfig` in, a :class:`SuiteResult` out);
+- the geometry and dynamics suite it reads is :mod:`bayesmanifold.suite` (what ``analyze`` runs);
 - :mod:`.claims`: the papers' claims as one table of named, cited thresholds with pure judges;
 - :mod:`.texts`: the sections' titles and how to read them;
 - :mod:`.document`: the HTML document, written atomically;
@@ -12,10 +11,10 @@ Example:
     >>> path, summary = build_report(ReportConfig(target="toy", out="report", quick=True))  # doctest: +SKIP
 """
 
+from ..suite import SuiteConfig, SuiteResult, Target, load_target, run_suite
 from .build import ReportConfig, build_report, summary_lines
 from .claims import CLAIMS, Claim, Verdict, judge_claims
 from .document import Finding, Report, Section
-from .suite import SuiteConfig, SuiteResult, Target, load_target, run_suite
 
 __all__ = [
     "CLAIMS",

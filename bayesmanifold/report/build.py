@@ -26,9 +26,9 @@ import torch
 from ..analyses import one_step_check, verify_routing_law
 from ..backends import model_access
 from ..errors import ConfigError
+from ..suite import SuiteConfig, Target, has_exact_posterior, load_target, run_suite
 from .claims import judge_claims
 from .document import Report, Section, figure_png, section
-from .suite import SuiteConfig, Target, has_exact_posterior, load_target, run_suite
 from .texts import (
     ADVANTAGE_COLUMNS,
     EM_HOW,

@@ -90,7 +90,7 @@ def _count_passes(model, monkeypatch):
 
 
 def test_suite_is_a_value_and_runs_one_pass_per_batch(tmp_path, monkeypatch):
-    from bayesmanifold.report import SuiteConfig, SuiteResult, Target, load_target, run_suite
+    from bayesmanifold.suite import SuiteConfig, SuiteResult, Target, load_target, run_suite
     from bayesmanifold.windtunnels.bijection import BijectionTask
 
     monkeypatch.chdir(tmp_path)

@@ -29,7 +29,7 @@ from ..analyses import (
     key_orthogonality,
 )
 from ..hooks import Batch, capture, model_access
-from .suite import SuiteConfig, SuiteResult, Target
+from .config import SuiteConfig, SuiteResult, Target
 
 __all__ = ["windtunnel_suite", "text_suite"]
 

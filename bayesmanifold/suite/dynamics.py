@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .suite import SuiteConfig, Target
+from .config import SuiteConfig, Target
 
 __all__ = ["training_dynamics", "replay_range"]
 

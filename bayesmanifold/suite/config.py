@@ -8,7 +8,7 @@ protocol on prompts, or the same measures on random tokens. The measurements the
 :mod:`.measure`; this module holds the values that go in and come out.
 
 Example:
-    >>> target = load_target("bijection-v20")  # doctest: +SKIP
+    >>> target = open_target("bijection-v20")  # doctest: +SKIP
     >>> res = run_suite(target, SuiteConfig(n_seqs=128))  # doctest: +SKIP
     >>> res.to_dataframe(); res.figure("value_manifold")  # doctest: +SKIP
 """
@@ -18,11 +18,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..backends import model_access
 from ..errors import ConfigError, InputError
-from ..models.target import Target, open_target
+from ..models.target import Target
 
-__all__ = ["SuiteConfig", "SuiteResult", "Target", "has_exact_posterior", "load_target", "run_suite"]
+__all__ = ["FIGURES", "SuiteConfig", "SuiteResult", "Target", "has_exact_posterior"]
 
 FEATURE_KINDS = ("residual", "values_concat", "head_outputs")
 DYNAMICS_RANGES = ("first-stage", "all")
@@ -158,24 +157,7 @@ class SuiteResult:
         return ax.figure
 
 
-def load_target(spec: str, *, task: str | None = None, device: str = "cpu", dtype: str = "float32",
-                seed: int = 0, tokenizer: str | None = None) -> Target:
-    """:func:`bayesmanifold.models.open_target` (kept under this name for the suite's callers)."""
-    return open_target(spec, task=task, device=device, dtype=dtype, seed=seed, tokenizer=tokenizer)
-
-
 def has_exact_posterior(task: Any) -> bool:
     """A wind tunnel with an exact Bayesian posterior (a text corpus task, which evaluates itself
     on held-out text instead, has none)."""
     return task is not None and not hasattr(task, "evaluate")
-
-
-def run_suite(target: Target, config: SuiteConfig) -> SuiteResult:
-    """Measure ``target`` as ``config`` says: the wind-tunnel suite when it has a task and no
-    prompts were given, else the text suite (prompts or random tokens)."""
-    from . import measure
-
-    model_access(target.model)  # refuses a model no backend handles (LSTM, MLP baselines) before any work
-    if has_exact_posterior(target.task) and not config.prompts:
-        return measure.windtunnel_suite(target, config)
-    return measure.text_suite(target.model, config)
