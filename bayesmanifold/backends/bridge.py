@@ -170,6 +170,14 @@ class BridgeBackend(Backend):
     def config_fields(self) -> dict[str, Any]:
         return bridge_loading.hooked_fields(self.cfg)
 
+    def fresh_copy(self, seed: int = 0) -> nn.Module:
+        """A newly initialised model of this architecture: a native bridge as built from its config,
+        an HF-backed one as HuggingFace initialises its class (``from_config``), seeded."""
+        hf = getattr(self.model, "original_model", None)
+        if getattr(self.cfg, "architecture", None) == "TransformerLensNative" or hf is None:
+            return super().fresh_copy(seed)
+        return bridge_loading.fresh_hf_bridge(hf, seed=seed, dtype=self.dtype, tokenizer=self.tokenizer)
+
     def parameter_names(self, kind: str, layers: Any = None) -> list[str]:
         if kind == "all":
             return super().parameter_names(kind, layers)

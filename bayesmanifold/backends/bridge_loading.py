@@ -325,7 +325,7 @@ def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch
             model = TransformerBridge.boot_transformers(str(p), hf_model=hf, dtype=dtype, device=device,
                                                         tokenizer=tokenizer)
         else:
-            model = _bridge_without_tokenizer(hf, arch, dtype, device, str(p))
+            model = _bridge_around(hf, arch, dtype, device, str(p))
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - an architecture without an adapter raises several types
@@ -335,7 +335,20 @@ def load_hf_bridge(path: str | os.PathLike, *, device: str = "cpu", dtype: torch
     return model.eval()
 
 
-def _bridge_without_tokenizer(hf: nn.Module, arch: str, dtype: torch.dtype, device: str, where: str):
+def fresh_hf_bridge(hf: nn.Module, *, seed: int, dtype: torch.dtype, tokenizer: Any = None):
+    """A bridge over a newly initialised HuggingFace model of ``hf``'s class and config (seeded
+    inside ``keep_global_rng``; on the CPU)."""
+    from .loading import keep_global_rng
+
+    arch = (hf.config.architectures or [type(hf).__name__])[0]
+    with keep_global_rng(), contextlib.redirect_stdout(io.StringIO()):
+        torch.random.default_generator.manual_seed(seed)
+        fresh = type(hf)._from_config(hf.config, attn_implementation="eager", dtype=dtype).eval()
+        return _bridge_around(fresh, arch, dtype, "cpu", "a fresh model", tokenizer).eval()
+
+
+def _bridge_around(hf: nn.Module, arch: str, dtype: torch.dtype, device: str, where: str, tokenizer: Any = None):
+    """A bridge around an HF module in hand, with ``tokenizer`` or none (nothing read from disk or the hub)."""
     try:
         from transformer_lens.model_bridge.sources import build_bridge_from_module
     except ImportError:  # TransformerLens 3.x's bridge: boot_transformers needs a tokenizer
@@ -343,7 +356,7 @@ def _bridge_without_tokenizer(hf: nn.Module, arch: str, dtype: torch.dtype, devi
             f"{where!r} has no tokenizer files and this TransformerLens version's bridge needs one; "
             "give one with --tokenizer DIR (load_model(..., tokenizer=DIR))"
         ) from None
-    return build_bridge_from_module(hf.to(device), arch, hf_config=hf.config, tokenizer=None, dtype=dtype,
+    return build_bridge_from_module(hf.to(device), arch, hf_config=hf.config, tokenizer=tokenizer, dtype=dtype,
                                     device=device, model_name=where)
 
 
