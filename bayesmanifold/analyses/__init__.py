@@ -48,6 +48,8 @@ _WHERE = {
     "RoutingMapAccumulator": "routing_maps",
     "routing_map": "routing_maps",  # module name differs: a submodule attribute would shadow the function
     "induction_scores": "induction",
+    "LogitLensResult": "logit_lens",
+    "logit_lens_kl": "logit_lens",
     "InductionResult": "induction",
     "pearson": "stats",
     "spearman": "stats",

@@ -30,8 +30,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ..analyses.logit_lens import logit_lens_kl
     from ..models.checkpoint import load_checkpoint, resolve_checkpoint
-    from ..windtunnels.calibration import calibration_from_probs, logit_lens_kl, measure_calibration
+    from ..windtunnels.calibration import calibration_from_probs, measure_calibration
 
     device = args.device
     if args.record:

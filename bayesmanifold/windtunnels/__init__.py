@@ -4,9 +4,7 @@ from .base import TaskBatch, WindTunnel, entropy_bits, make_generator
 from .bijection import BijectionTask
 from .calibration import (
     CalibrationResult,
-    LogitLensResult,
     calibration_from_probs,
-    logit_lens_kl,
     measure_calibration,
 )
 from .hmm import HMMTask
@@ -20,9 +18,7 @@ __all__ = [
     "make_generator",
     "BijectionTask",
     "CalibrationResult",
-    "LogitLensResult",
     "calibration_from_probs",
-    "logit_lens_kl",
     "measure_calibration",
     "HMMTask",
     "RecallTask",

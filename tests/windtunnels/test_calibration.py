@@ -6,14 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from bayesmanifold.analyses.logit_lens import logit_lens_kl
 from bayesmanifold.errors import InputError
 from bayesmanifold.models import build_model, preset_spec
 from bayesmanifold.windtunnels import BijectionTask, HMMTask
-from bayesmanifold.windtunnels.calibration import (
-    calibration_from_probs,
-    logit_lens_kl,
-    measure_calibration,
-)
+from bayesmanifold.windtunnels.calibration import calibration_from_probs, measure_calibration
 from bayesmanifold.windtunnels.hmm import forward_filter
 
 
