@@ -25,7 +25,7 @@ _WHERE = {
     "Batch": ".hooks",
     "LayerBundle": ".hooks",
     "load_model": ".models.target",  # open_model under its familiar name
-    "open_target": ".models.target",
+    "logit_lens_kl": ".analyses",
     "BayesManifoldError": ".errors",
     # the measurements: accumulators for capture, and their one-call forms
     "RoutingLawCheck": ".analyses",
