@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
@@ -114,7 +114,7 @@ def _mean_next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def head_ablation(
-    model: Any,
+    model: ModelLike,
     tokens: Int[Tensor, "batch pos"],
     *,
     mode: Literal["zero", "mean"] = "mean",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Batch, Positions, position_mask
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
@@ -163,7 +163,7 @@ class QKAlignmentResult:
         return ax
 
 
-def as_batches(model: Any, batches: Any, positions: Positions) -> Iterable[Batch]:
+def as_batches(model: ModelLike, batches: Any, positions: Positions) -> Iterable[Batch]:
     """Batches from a token tensor, text, :class:`Batch` values, ``(tokens, attention_mask[, positions])``
     tuples or dicts with those keys; ``positions`` applies where an item gives none."""
     access = model_access(model)
@@ -241,7 +241,7 @@ class AttentionEntropyAccumulator:
 
 
 def attention_entropy(
-    model: Any,
+    model: ModelLike,
     batches: Any,
     *,
     positions: Positions = "last",
@@ -319,7 +319,7 @@ class QKAlignmentAccumulator:
 
 
 def query_key_alignment(
-    model: Any,
+    model: ModelLike,
     batches: Any,
     *,
     positions: Positions = "last",

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Batch, Positions, position_mask
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle, OutputBundle
@@ -170,7 +170,7 @@ class FeatureAccumulator:
         return self.pca.finalize()
 
 
-def describe_features(model: Any, kind: FeatureKind, layer: int, head: int | None) -> str:
+def describe_features(model: ModelLike, kind: FeatureKind, layer: int, head: int | None) -> str:
     """A readable label: which representation, layer and head."""
     _check_kind(kind)
     acc = model_access(model)
@@ -197,7 +197,7 @@ def _layer_head(access: Any, kind: str, layer: int, head: int | None) -> tuple[i
 
 
 def collect_features(
-    model: Any,
+    model: ModelLike,
     tokens: Int[Tensor, "batch pos"],
     *,
     kind: FeatureKind = "values_concat",
@@ -267,7 +267,7 @@ def _as_batch(access: Any, item: Any, positions: Positions, scalar_fn: Callable 
 
 
 def value_manifold(
-    model: Any,
+    model: ModelLike,
     batches: Iterable[Any],
     *,
     kind: FeatureKind = "values_concat",

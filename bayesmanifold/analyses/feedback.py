@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..hooks import next_token_loss
 from ..hooks.interventions import parameter_names, stepped_copy
 from .stats import pearson
@@ -91,7 +91,7 @@ class PositiveFeedbackResult:
 
 
 def positive_feedback_probe(
-    model: Any,
+    model: ModelLike,
     tokens: Int[Tensor, "batch pos"],
     *,
     lr: float = 1e-2,

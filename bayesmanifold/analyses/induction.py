@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Batch
 from ..errors import InputError
 from ..hooks import capture
@@ -202,7 +202,7 @@ def ordinary_ids(access: Any) -> tuple[int, int]:
 
 
 def induction_scores(
-    model: Any,
+    model: ModelLike,
     *,
     tokens: Tensor | None = None,
     targets: Tensor | None = None,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import InputError
 
 __all__ = ["mean_offdiag_cosine", "KeyOrthogonalityResult", "key_orthogonality"]
@@ -164,7 +164,7 @@ class KeyOrthogonalityResult:
 
 
 def key_orthogonality(
-    model: Any,
+    model: ModelLike,
     *,
     definition: Literal["tokens", "columns"] = "tokens",
     token_ids: Sequence[int] | Int[Tensor, " n"] | None = None,

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Positions, position_mask
 from ..errors import CheckpointError, ConfigError, InputError
 from ..hooks import capture
@@ -180,12 +180,12 @@ class DynamicsMonitor:
         self._prev_values: list[Tensor] | None = None
 
     # -- callback protocol
-    def on_step(self, model: Any, step: int) -> None:
+    def on_step(self, model: ModelLike, step: int) -> None:
         """Record if ``step % every == 0`` (call after the optimizer step)."""
         if int(step) % self.every == 0:
             self.record(model, int(step))
 
-    def record(self, model: Any, step: int) -> None:
+    def record(self, model: ModelLike, step: int) -> None:
         """Record one checkpoint now, whatever the step."""
         access = model_access(model)
         if self.records and step <= self.records[-1].step:
@@ -197,7 +197,7 @@ class DynamicsMonitor:
         finally:
             model.train(was_training)
 
-    def _record(self, model: Any, access: Any, step: int) -> None:
+    def _record(self, model: ModelLike, access: Any, step: int) -> None:
         L, H, KV = access.n_layers, access.n_heads, access.n_kv_heads
         vl = access.norm_layers(self.value_layer)[0]
         snap = _Snapshot(self.gradients, L, H, KV)
@@ -314,7 +314,7 @@ def _snapshot_list(snapshots: str | Path | Iterable[str | Path]) -> list[tuple[i
 
 def replay(
     snapshots: str | Path | Iterable[str | Path],
-    model: Any,
+    model: ModelLike,
     monitor: "DynamicsMonitor | None" = None,
     *,
     max_snapshots: int | None = None,

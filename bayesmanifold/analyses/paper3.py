@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Batch
 from ..errors import InputError
 from ..hooks.bundle import OutputBundle
@@ -65,16 +65,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def tokenize_prompt(model: Any, prompt: str) -> torch.Tensor:
+def tokenize_prompt(model: ModelLike, prompt: str) -> torch.Tensor:
     """Token ids [1, pos] of one prompt (tokenizer, else UTF-8 bytes for byte-vocabulary models)."""
-    access = model_access(model)
-    if access.tokenizer is not None:
-        toks = access.to_tokens(prompt)
-    elif (access.d_vocab or 0) >= 256:
-        toks = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
-    else:
-        raise InputError("the model has no tokenizer and a vocabulary smaller than 256 bytes; pass a model with a tokenizer")
-    return toks.cpu()
+    return model_access(model).encode(prompt)[None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,7 +171,7 @@ class Paper3Result:
 
 
 def paper3_protocol(
-    model: Any,
+    model: ModelLike,
     prompts: str | os.PathLike | Sequence[str],
     *,
     layers: Iterable[int] | int | None = None,

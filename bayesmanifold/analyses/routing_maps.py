@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import InputError, SelectionError
 from ..hooks import capture
 from ..hooks.bundle import LayerBundle
@@ -51,7 +51,7 @@ OBJECTIVES = ("next-token", "last", "pos:P[,P...]")
 
 
 # ------------------------------------------------------------------------------------ inputs
-def prompt_tokens(model: Any, prompt: str | Sequence[int] | Tensor) -> Tensor:
+def prompt_tokens(model: ModelLike, prompt: str | Sequence[int] | Tensor) -> Tensor:
     """Token ids ``[1, pos]`` of a prompt: the model's tokenizer, else UTF-8 bytes when the
     vocabulary covers the 256 byte values (as ``bayesmanifold scan`` reads text); ids as given.
 
@@ -63,15 +63,7 @@ def prompt_tokens(model: Any, prompt: str | Sequence[int] | Tensor) -> Tensor:
     if isinstance(prompt, str):
         if not prompt:
             raise InputError("the prompt is empty; give at least two tokens of text")
-        if access.tokenizer is not None:
-            ids = access.to_tokens(prompt)[0].cpu()
-        elif (access.d_vocab or 0) >= 256:
-            ids = torch.tensor(list(prompt.encode("utf-8")), dtype=torch.long)
-        else:
-            raise InputError(
-                f"the model has no tokenizer and its vocabulary ({access.d_vocab}) does not cover the 256 byte "
-                "values, so it cannot read text; pass token ids instead"
-            )
+        ids = access.encode(prompt)
     else:
         ids = torch.as_tensor(prompt)
         if ids.dim() == 2 and ids.shape[0] == 1:
@@ -84,7 +76,7 @@ def prompt_tokens(model: Any, prompt: str | Sequence[int] | Tensor) -> Tensor:
     return access.as_tokens(ids[None])
 
 
-def token_strings(model: Any, token_ids: Sequence[int]) -> list[str]:
+def token_strings(model: ModelLike, token_ids: Sequence[int]) -> list[str]:
     """Display strings of tokens: the tokenizer's decoding of each, else the byte (printable
     ASCII as itself, other bytes as ``\\xNN``; newline and tab as ``\\n`` and ``\\t``)."""
     tok = model_access(model).tokenizer
@@ -97,7 +89,7 @@ def token_strings(model: Any, token_ids: Sequence[int]) -> list[str]:
     return out
 
 
-def parse_heads(heads: Any, model: Any) -> dict[int, list[int]]:
+def parse_heads(heads: Any, model: ModelLike) -> dict[int, list[int]]:
     """``{layer: [heads]}`` from None (all), ``"L.H,L.H"`` or an iterable of ``"L.H"`` / ``(L, H)``
     (a ``"L.*"`` entry is every head of layer L), validated against the model."""
     access = model_access(model)
@@ -350,7 +342,7 @@ class RoutingMap:
 
 # ------------------------------------------------------------------------------------ entry point
 def routing_map(
-    model: Any,
+    model: ModelLike,
     prompt: str | Sequence[int] | Tensor,
     *,
     heads: Any = None,

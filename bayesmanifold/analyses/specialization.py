@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import InputError
 from ..hooks import Batch, capture
 from .stats import entropy
@@ -268,7 +268,7 @@ def _check_groups(groups: Any, batch: int, n_pos: int, n_groups: int | None, *, 
     return g
 
 
-def _as_batches(model: Any, batches: Any) -> list[Batch]:
+def _as_batches(model: ModelLike, batches: Any) -> list[Batch]:
     """``(tokens, groups[, attention_mask])`` tuples or Batches (label "group") as Batches."""
     access = model_access(model)
     if isinstance(batches, tuple | Batch):
@@ -290,7 +290,7 @@ def _as_batches(model: Any, batches: Any) -> list[Batch]:
 
 
 def specialization(
-    model: Any,
+    model: ModelLike,
     batches: Any,
     *,
     n_groups: int | None = None,

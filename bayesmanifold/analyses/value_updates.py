@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import ConfigError, InputError
 from ..hooks import LayerBundle, capture, next_token_loss
 from ..hooks.interventions import parameter_names, stepped_copy
@@ -33,7 +33,7 @@ def check_lr(lr: Any, name: str = "lr") -> None:
 
 
 def kept_bundles(
-    model: Any,
+    model: ModelLike,
     batch: Any,
     layers: list[int],
     *,
@@ -111,7 +111,7 @@ class ValueUpdateAlignmentResult:
 
 
 def value_update_alignment(
-    model: Any,
+    model: ModelLike,
     tokens: Int[Tensor, "batch pos"],
     *,
     lr: float = 1e-2,

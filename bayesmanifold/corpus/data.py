@@ -212,22 +212,15 @@ def _jsonl_documents(p: Path):
 
 def _tokenize(docs, access: Any, budget: int | None) -> tuple[np.ndarray, int, str]:
     """Concatenate the documents' ids (stop once ``budget`` ids are in)."""
-    if access.tokenizer is not None:
-        how = "tokenizer"
+    how = access.text_encoding
+    if how is None:
+        raise InputError(
+            f"the model has no tokenizer and its vocabulary ({access.d_vocab}) does not cover the 256 byte values, "
+            "so it cannot read text; give a .npy array of token ids (--format tokens), or a tokenizer (--tokenizer DIR)"
+        )
 
-        def encode(s: str) -> np.ndarray:
-            return access.to_tokens(s)[0].cpu().numpy()
-    else:
-        vocab = access.d_vocab
-        if vocab is None or vocab < 256:
-            raise InputError(
-                f"the model has no tokenizer and its vocabulary ({vocab}) does not cover the 256 byte values, "
-                "so it cannot read text; give a .npy array of token ids (--format tokens)"
-            )
-        how = "utf8-bytes"
-
-        def encode(s: str) -> np.ndarray:
-            return np.frombuffer(s.encode("utf-8"), dtype=np.uint8)
+    def encode(s: str) -> np.ndarray:
+        return access.encode(s).numpy()
 
     parts, n, n_docs = [], 0, 0
     for doc in docs:

@@ -40,7 +40,7 @@ from ..analyses.induction import (
     repeated_random_tokens,
 )
 from ..analyses.stats import pearson
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..backends.batch import Batch
 from ..hooks import capture
 from ..io import atomic_write_json, ensure_dir
@@ -71,7 +71,7 @@ class _Keep:
         return torch.stack([self.alpha[L] for L in layers], 1), torch.stack([self.force[L] for L in layers], 1)
 
 
-def probes(task: Any, model: Any, *, n_seqs: int = 16, half: int = 48, seed: int = 0,
+def probes(task: Any, model: ModelLike, *, n_seqs: int = 16, half: int = 48, seed: int = 0,
            min_match: int = 3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{"repeated": (tokens, targets), "code": (tokens, targets)}`` (fixed, seeded; the random
     ids are those :func:`~bayesmanifold.analyses.induction_scores` draws for ``model``)."""
@@ -82,7 +82,7 @@ def probes(task: Any, model: Any, *, n_seqs: int = 16, half: int = 48, seed: int
     return {"repeated": rep, "code": (code, induction_targets(code, min_match))}
 
 
-def _measure(model: Any, tokens: torch.Tensor, targets: torch.Tensor):
+def _measure(model: ModelLike, tokens: torch.Tensor, targets: torch.Tensor):
     ind, keep = InductionAccumulator(gradients=True), _Keep()
     with capture(model, accumulators=[ind, keep]) as cap:
         loss = cap.run(Batch(tokens=tokens, labels={LABEL: targets}))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..analyses import one_step_check, verify_routing_law
-from ..backends import model_access
+from ..backends import ModelLike, model_access
 from ..errors import ConfigError
 from ..suite import SuiteConfig, Target, has_exact_posterior, load_target, run_suite
 from .claims import judge_claims
@@ -213,7 +213,7 @@ def _titled(name: str, **kwargs: Any) -> Section:
 
 
 # ------------------------------------------------------------------------------------ stages
-def _double(model: Any) -> Any:
+def _double(model: ModelLike) -> Any:
     """A float64 copy of the model (one for the whole stage), so the laws can be checked to ~1e-12."""
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
         return model_access(model).in_dtype(torch.float64)

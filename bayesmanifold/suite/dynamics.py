@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..backends import ModelLike
 from ..errors import InputError
 from .config import SuiteConfig, Target
 
@@ -56,7 +57,7 @@ def training_dynamics(target: Target, config: SuiteConfig, positions: torch.Tens
     pm = torch.zeros(probe.shape, dtype=torch.bool)
     pm[:, task.positions if hasattr(task, "positions") else positions] = True
 
-    def calibration(model: Any) -> float:
+    def calibration(model: ModelLike) -> float:
         return float(measure_calibration(model, task, n_seqs=CALIBRATION_SEQS, generator=seed + 2).entropy_mae_bits)
 
     monitor = DynamicsMonitor(probe, every=1, query_positions=pm, key_token_ids=task.answer_tokens.tolist(), calibration_fn=calibration)

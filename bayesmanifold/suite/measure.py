@@ -28,6 +28,7 @@ from ..analyses import (
     SpecializationAccumulator,
     key_orthogonality,
 )
+from ..backends import ModelLike
 from ..hooks import Batch, capture, model_access
 from .config import SuiteConfig, SuiteResult, Target
 
@@ -231,7 +232,7 @@ def windtunnel_suite(target: Target, config: SuiteConfig) -> SuiteResult:
 COLUMNS_DEFINITION = "W_K columns per head, mean off-diagonal |cos| (Paper III)"
 
 
-def text_suite(model: Any, config: SuiteConfig) -> SuiteResult:
+def text_suite(model: ModelLike, config: SuiteConfig) -> SuiteResult:
     acc = model_access(model)
     layers = list(range(acc.n_layers))
     if config.prompts:
@@ -270,7 +271,7 @@ def text_suite(model: Any, config: SuiteConfig) -> SuiteResult:
     return SuiteResult("random-tokens", res, key_orthogonality=ko, manifold=m, attention_entropy=ent_res)
 
 
-def _prompts_suite(model: Any, config: SuiteConfig, layers: list[int]) -> SuiteResult:
+def _prompts_suite(model: ModelLike, config: SuiteConfig, layers: list[int]) -> SuiteResult:
     from ..analyses import paper3_protocol
     from ..analyses.paper3 import read_prompts, tokenize_prompt
 

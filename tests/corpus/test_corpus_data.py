@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from bayesmanifold.backends import Backend
 from bayesmanifold.corpus.data import detect_format, read_corpus, split_range
 from bayesmanifold.errors import InputError
 
 
-class _Access:
-    """The three facts the reader asks of a model: tokenizer, d_vocab, to_tokens."""
+class _Access(Backend):
+    """A backend with the three facts the reader asks of a model: tokenizer, d_vocab, to_tokens
+    (encode and the byte fallback are the base class's)."""
 
     def __init__(self, tokenizer=None, d_vocab=256):
-        self.tokenizer, self.d_vocab = tokenizer, d_vocab
+        self._tokenizer, self._d_vocab = tokenizer, d_vocab
+
+    tokenizer = property(lambda self: self._tokenizer)
+    d_vocab = property(lambda self: self._d_vocab)
 
     def to_tokens(self, text):  # a "tokenizer": BOS (0) then one id per character, mod 100
         return torch.tensor([[0] + [1 + ord(c) % 99 for c in text]])
