@@ -79,8 +79,8 @@ def model_access(model: ModelLike) -> Backend:
             return access
     raise ModelError(
         f"expected a TransformerLens model (HookedTransformer, TransformerBridge or another HookedRootModule), "
-        f"got {type(model).__name__}; backends: {', '.join(b.name for b in BACKENDS)}; load HuggingFace models "
-        "with bayesmanifold.load_model"
+        f"got a {type(model).__name__}, not an attention model any backend handles "
+        f"(backends: {', '.join(b.name for b in BACKENDS)}); load HuggingFace models with bayesmanifold.load_model"
     )
 
 
