@@ -21,7 +21,7 @@ from ..backends import model_access
 from ..backends.batch import Batch
 from ..errors import ConfigError
 from ..hooks.capture import capture
-from ..hooks.interventions import parameter_names, stepped_copy
+from ..hooks.interventions import parameter_names, stepped_copy, stepped_one_group_at_a_time
 from ..hooks.objectives import Objective
 from .advantage import advantage
 from .headstats import entry_mask
@@ -139,16 +139,16 @@ def one_step_check(
     if scope == "all":
         stepped, _ = stepped_copy(model, batch, lr=lr, params=parameter_names(model, "all"), objective=objective)
         after, loss_after = _after_step(stepped, batch, sel, objective)
+        del stepped
     else:
         losses = []
-        for layer in sel:
-            names = parameter_names(model, "qk", layers=[layer])
-            stepped, _ = stepped_copy(model, batch, lr=lr, params=names, objective=objective)
+        groups = {layer: parameter_names(model, "qk", layers=[layer]) for layer in sel}
+        # one copy and one backward for all layers; each layer's step applied alone, then undone
+        for layer, stepped in stepped_one_group_at_a_time(model, batch, lr=lr, groups=groups, objective=objective):
             out, loss = _after_step(stepped, batch, [layer], objective)
             after.update(out)
             losses.append(loss)
         loss_after = float(np.mean(losses))
-    del stepped
     rows = []
     for layer in sel:
         b = kept[layer]
