@@ -16,6 +16,8 @@ from .common import (
 
 NAME = "verify"
 HELP = "verify the advantage routing law and the value-update law against autograd, per head"
+EXIT_CODES = ("exit codes: 0 the laws hold on every tested head; 1 a law does not hold on some head (or no "
+              "gradient reached any head, so nothing was tested); 2 bad input (one line on stderr)")
 EXAMPLE = "bayesmanifold verify --model toy --dtype float64 --json out.json"
 
 
@@ -69,12 +71,14 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
     )
-    print(f"max relative residual of the routing law: {summary['max_rel_residual_dscores']:.3e}")
+    print(f"max residual of the routing law: {summary['max_terms_residual_dscores']:.3e} of the summed terms "
+          f"Σ_j α_ij|b_ij| of its row (judged per row), {summary['max_rel_residual_dscores']:.3e} of max|∂L/∂s|")
     from ..hooks import model_access
 
     access = model_access(model)
     floor = law.floor or f"the softmax runs in the model's {str(access.dtype).removeprefix('torch.')}"
-    print(f"backend {access.backend}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g})")
+    print(f"backend {access.backend}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g} × the size of "
+          "the summed terms, per row)")
     print(f"the laws hold on every head: {'yes' if law.holds else 'NO'}" + (f" ({law.reason})" if law.reason else ""))
     summary.update(
         {
@@ -88,4 +92,4 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     write_json(args.json, summary)
-    return 0
+    return 0 if law.holds else 1
