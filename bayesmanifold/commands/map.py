@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, InputError
 from ..io import atomic_write_text
-from .common import format_table, write_json
+from .common import device, format_table, input_file, output_file, seed, write_json
 
 NAME = "map"
 HELP = "per head and token: attention α, advantage A = b̄ − b and routing force αA of a prompt, as an HTML page"
@@ -18,16 +18,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "a local HuggingFace directory, or a pretrained name (online)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
-    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--heads", metavar="L.H,...", default=None, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
+    src.add_argument("--prompt-file", metavar="FILE", type=input_file, help="read the prompt from a UTF-8 text file")
+    p.add_argument("--heads", metavar="L.H,...", default=None, type=head_list, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
     p.add_argument("--objective", default="next-token", metavar="NAME",
                    help="next-token (default: mean next-token cross-entropy over the prompt), last, or pos:P[,P...]")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy model's weights")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda[:N], mps or auto (default: cpu)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the toy model's weights")
     p.add_argument("--title", default=None, help="page title (default: model and prompt length)")
-    p.add_argument("--out", required=True, metavar="HTML", help="write the page here")
-    p.add_argument("--json", metavar="PATH", help="also write the matrices as JSON (prompt, token_ids, tokens, heads)")
+    p.add_argument("--out", required=True, metavar="HTML", type=output_file, help="write the page here")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the matrices as JSON (prompt, token_ids, tokens, heads)")
+
+
+def head_list(text: str) -> str:
+    """``L.H,...`` with indices counted from 0 (``L.*``: every head of layer L), checked as parsed."""
+    import re
+
+    for item in text.split(","):
+        if not re.fullmatch(r"\s*\d+\.(\d+|\*)\s*", item):
+            raise argparse.ArgumentTypeError(
+                f"head {item.strip()!r} not understood; give LAYER.HEAD with indices counted from 0, e.g. 0.1,1.3 "
+                "(1.* for a whole layer; no negative indices)")
+    return text
 
 
 def check_writable(path: str, what: str) -> None:
