@@ -64,8 +64,10 @@ def write_figures(result, out: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.checkpoint import refuse_unusable
     from ..report import SuiteConfig, load_target, run_suite
 
+    refuse_unusable(args.target, command="analyze")
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
     target = load_target(args.target, task=args.task, device=args.device, dtype=args.dtype, seed=args.seed)
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         f"value manifold ({res['manifold_features']}): PC1 {100 * res['value_pc1']:.1f}%, PC1+PC2 {100 * res['value_pc12']:.1f}%, "
         f"PR {res['participation_ratio']:.2f}, Spearman(PC1, entropy) {rho if rho is None else format(rho, '+.3f')}"
     )
+    if res.get("value_manifold_untested"):
+        print(f"value-manifold criterion {res['value_manifold_untested']}")
     print(f"attention-entropy reduction first→last: {100 * res['attention_entropy_reduction']:.1f}%")
     if "frame_stabilization_step" in res:
         print(
