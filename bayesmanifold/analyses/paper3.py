@@ -212,6 +212,9 @@ def paper3_protocol(
         >>> res.criteria  # doctest: +SKIP
     """
     access = model_access(model)
+    if isinstance(prompts, str) and not Path(prompts).exists():
+        raise InputError(f"prompts {prompts[:60]!r} names no file: give the path of a prompts file (one prompt per line) "
+                         "or a list of at least 3 prompt strings")
     if isinstance(prompts, str | os.PathLike):
         plist = read_prompts(prompts)
     else:

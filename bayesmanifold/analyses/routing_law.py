@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..hooks.batch import Batch
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
-from ..hooks.dropout import describe_active_dropout
+from ..hooks.model_state import describe_active_dropout
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
 from .headstats import HeadStats, RowBuffers, Scratch, layer_tiles, zeroer

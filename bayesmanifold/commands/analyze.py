@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.checkpoint import refuse_unusable
     from ..report import SuiteConfig, load_target, run_suite
 
-    refuse_unusable(args.target, command="analyze")
+    refuse_unusable(args.target, command="analyze", attention=True)
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
     target = load_target(args.target, task=args.task, device=args.device, dtype=args.dtype, seed=args.seed)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     from ..models.checkpoint import refuse_unusable
 
-    refuse_unusable(args.model, command="map", text=True)
+    refuse_unusable(args.model, command="map", text=True, attention=True)
     model = load_target(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     m = routing_map(model, prompt, heads=args.heads, objective=args.objective)
     title = args.title or f"Routing map: {args.model}, {len(m.token_ids)} tokens"

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.checkpoint import refuse_unusable
     from ..report import ReportConfig
 
-    refuse_unusable(args.target, command="report")
+    refuse_unusable(args.target, command="report", attention=True)
 
     config = ReportConfig(target=args.target, out=args.out, device=args.device, seed=args.seed, quick=args.quick,
                           task=args.task, prompts=args.prompts, em_vs_sgd=args.em_vs_sgd, progress=not args.no_progress)

@@ -8,8 +8,8 @@ from .common import (
     add_seed_arg,
     at_least,
     format_table,
-    input_file,
     model_spec,
+    text_file,
     tokens_for,
     write_json,
 )
@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arg(p)
     p.add_argument("--batch-size", type=at_least(1), default=4)
     p.add_argument("--seq-len", type=at_least(2), default=64)
-    p.add_argument("--text", metavar="FILE", type=input_file, help="tokenise this text file instead of random tokens")
+    p.add_argument("--text", metavar="FILE", type=text_file, help="tokenise this UTF-8 text file instead of random tokens")
     add_seed_arg(p, help="seed of the random tokens and the toy model")
     add_json_arg(p)
 

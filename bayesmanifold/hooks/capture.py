@@ -35,6 +35,7 @@ from .batch import Batch
 from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
 from .grad_scope import bind as _bind
 from .grad_scope import weights_frozen as _weights_frozen
+from .model_state import check_materialised
 from .objectives import Objective, next_token_loss, validate_objective_value
 from .selection import select_heads
 
@@ -97,8 +98,8 @@ class Capture:
         objective: Objective | None = None,
         input_hook: str | None = "hook_embed",
     ) -> None:
-        self.model = model
-        self.access = model_access(model)
+        check_materialised(model)
+        self.model, self.access = model, model_access(model)
         self._infos = self.access.layers
         self.layers = self.access.norm_layers(layers)
         self._heads_arg = heads
@@ -309,6 +310,9 @@ class Capture:
                 raise ObjectiveError(
                     "the default objective (next-token loss) needs token inputs; pass objective=fn(logits, inputs)"
                 )
+            if inputs.shape[-1] < 2:
+                raise ObjectiveError(f"the input has {inputs.shape[-1]} position per sequence: the default objective "
+                                     "(next-token loss) needs at least 2 tokens; pass longer inputs or objective=fn(logits, inputs)")
             objective = next_token_loss(attention_mask)
         self._batch = batch
         call_inputs = inputs

@@ -219,7 +219,8 @@ def is_complete(path: "str | Path") -> bool:
         return False
 
 
-def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool = False, text: bool = False) -> None:
+def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool = False, text: bool = False,
+                    attention: bool = False) -> None:
     """Before any work, refuse a checkpoint of ours that ``command`` cannot measure, with the reason.
 
     An unfinished training run (``complete`` false: weights of an intermediate step, a resume
@@ -227,7 +228,7 @@ def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool =
     trained on a task without an exact posterior (a text corpus) is refused. Anything that is not
     a bayesmanifold checkpoint (``toy``, a HuggingFace directory, a model name) passes unchanged:
     the loader judges it. With ``text`` a wind-tunnel model without a tokenizer is refused (it
-    cannot read a text prompt).
+    cannot read a text prompt); with ``attention`` an LSTM or MLP baseline (no attention to measure).
 
     Raises:
         CheckpointError: an unfinished run. TaskError: no exact posterior where one is needed.
@@ -248,6 +249,9 @@ def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool =
             f"rerunning its training command (recorded in its config.json) with --out {str(d)!r}"
         )
     task = (cfg.get("task") or {}).get("task")
+    if attention and cfg.get("arch") not in (None, "transformer"):
+        raise CheckpointError(f"{str(spec)!r} is a {cfg.get('arch')} baseline, not an attention model: {command} measures "
+                              "attention heads; give a transformer checkpoint (calibrate measures baselines too)")
     if exact_posterior and task == "text":
         raise TaskError(f"{str(spec)!r} is a text model: {command} needs a task with an exact posterior "
                         "(bijection, hmm, recall checkpoints)")

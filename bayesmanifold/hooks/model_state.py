@@ -1,4 +1,8 @@
-"""Whether a model would run with active dropout: in train mode, with a dropout probability > 0.
+"""The state of a user's model that decides whether a measurement can run or mean what it says.
+
+:func:`check_materialised`: weights on PyTorch's ``meta`` device (shapes without data) cannot be
+run; refused before any hook is attached. :func:`active_dropout`: whether a model would run with
+active dropout: in train mode, with a dropout probability > 0.
 
 With attention dropout active the pattern a hook sees is not the one multiplied into the values,
 so the gradient laws (stated for z = α v) do not hold between the hooked tensors; a check must
@@ -9,7 +13,18 @@ functionally in train mode.
 
 from torch import nn
 
-__all__ = ["active_dropout", "describe_active_dropout"]
+from ..errors import ModelError
+
+__all__ = ["active_dropout", "check_materialised", "describe_active_dropout"]
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Raise :class:`ModelError` if the model's weights are on the meta device (no data to run)."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ModelError(f"the model's weights are on the meta device (shapes only, no values; e.g. {meta}): "
+                         "materialise them first (model.to_empty(device='cpu') and load a state dict, or load the model "
+                         "without device='meta')")
 
 
 def active_dropout(model: nn.Module) -> list[tuple[str, float]]:
