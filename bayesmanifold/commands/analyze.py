@@ -92,11 +92,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"attention-entropy reduction first→last: {100 * res['attention_entropy_reduction']:.1f}%")
     if "frame_stabilization_step" in res:
         print(
-            f"frame stabilises at step {res['frame_stabilization_step']}, precision at {res['precision_stabilization_step']} "
-            f"(ratio {res['dissociation_ratio']}); settling (distance to final): frame {res['frame_settling_step']}, "
-            f"values {res['precision_settling_step']}, calibration {res['calibration_settling_step']}"
+            f"frame stabilises {_at(res['frame_stabilization_step'])}, precision {_at(res['precision_stabilization_step'])} "
+            f"(ratio {res['dissociation_ratio'] if res['dissociation_ratio'] is not None else 'n/a'}); settling (distance to "
+            f"final): frame {_at(res['frame_settling_step'])}, values {_at(res['precision_settling_step'])}, "
+            f"calibration {_at(res['calibration_settling_step'])}"
         )
     if figs:
         print(f"figures: {', '.join(figs)}")
     write_json(args.json, res)
     return 0
+
+
+def _at(step) -> str:
+    return "not within the replayed snapshots" if step is None else f"at step {step}"

@@ -256,7 +256,7 @@ def _read_npy(p: Path, access: Any) -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        if "pickle" in str(exc):
+        if "pickle" in str(exc) or "Python objects" in str(exc):
             raise InputError(f"{str(p)!r} holds Python objects, not token ids; save an integer array with numpy.save") from None
         raise InputError(f"cannot read {str(p)!r} as a .npy array of token ids: {exc}") from None
     except OSError as exc:
