@@ -164,7 +164,8 @@ def _two_timescales(m: Measured, t: float) -> Verdict:
     f, p, ratio = a["frame_stabilization_step"], a["precision_stabilization_step"], a.get("dissociation_ratio")
     return Verdict(
         bool(ratio is not None and ratio >= t),
-        f"frame settles {_at_step(f)}, precision {_at_step(p)}" + (f" (×{ratio:.1f})" if ratio else ""),
+        f"frame settles {_at_step(f)}, precision " + (_at_step(p) if p is None else f"at {p}")
+        + (f" (×{ratio:.1f})" if ratio else ""),
         a.get("dynamics_source", ""),
     )
 
