@@ -118,3 +118,13 @@ def test_calibrate_record_never_writes_the_package_nor_silently(tmp_path, capsys
     assert json.loads((d / "metrics.json").read_text())["n_seqs"] == 4
     assert main(["calibrate", str(d), "--n-seqs", "4", "--overwrite"]) == 2  # --overwrite without --record
     assert "--record" in _one_line_error(capsys)
+
+
+def test_report_never_replaces_a_directory_it_did_not_write(tmp_path, capsys):
+    """``report --out DIR`` replaces DIR as a whole: only an empty directory or an earlier report."""
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("precious")
+    assert main(["report", "toy", "--quick", "--no-progress", "--out", str(d)]) == 2
+    assert "holds files a report does not write (notes.txt)" in _one_line_error(capsys)
+    assert (d / "notes.txt").read_text() == "precious"

@@ -120,6 +120,12 @@ def replaced_dir(text: str) -> str:
     p = Path(text)
     if p.exists():
         _writable_dir(p.resolve().parent, "the new directory")
+        from ..report.document import check_replaceable
+
+        try:
+            check_replaceable(p)
+        except BayesManifoldError as exc:
+            raise _Bad(str(exc)) from None
     return text
 
 
