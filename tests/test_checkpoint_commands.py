@@ -95,10 +95,12 @@ def unfinished(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS + ["train"])
 def test_an_unfinished_training_run_is_refused_at_once(unfinished, command, tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
-    assert main(_argv(str(unfinished), command, tmp_path)) == 2
+    argv = (["train", "bijection", "--arch", "mlp", "--steps", "1", "--init-from", str(unfinished), "--out", str(tmp_path / "t")]
+            if command == "train" else _argv(str(unfinished), command, tmp_path))
+    assert main(argv) == 2
     err = _one_line_error(capsys)
     assert "unfinished training run (weights of step 100" in err and "train_state.pt" in err
 
