@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             mod.NAME,
             help=mod.HELP,
             description=mod.HELP,
-            epilog=f"example:\n  {mod.EXAMPLE}",
+            epilog=f"example:\n  {mod.EXAMPLE}" + (f"\n\n{mod.EXIT_CODES}" if hasattr(mod, "EXIT_CODES") else ""),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")

@@ -137,3 +137,47 @@ def run_over_several_tiles(gen, accumulator, padded: bool) -> dict:
     with capture(model, accumulators=[accumulator], keep=True) as cap:
         cap.run(tokens, attention_mask=mask)
         return cap.kept
+
+
+def make_sink_model(dtype=torch.float64, gap: float = 25.0, seed: int = 0):
+    """A tiny attention-only model whose head 0.0 is an attention sink: every query puts all but
+    ~e^-gap of its attention on position 0 (as SmolLM2's head 18.8 does). There the routing law's
+    value α(b − b̄) is many orders of magnitude below its terms α b and α b̄, so their rounding
+    dominates it: the case a tolerance relative to |∂L/∂s| judges wrongly.
+
+    Built by editing the HookedTransformer-format weights: position 0 writes 1 into residual
+    dimension 0, head 0's key reads it into its key dimension 0 and its query bias is
+    gap·√d_head there, so the score of key 0 exceeds the others' by about ``gap``.
+    """
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=None, attn_only=True, d_vocab=50, n_ctx=32,
+               act_fn="gelu", normalization_type=None, dtype=dtype, device="cpu")
+
+    def edit(sd):
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["pos_embed.W_pos"][:, 0] = 0.0
+        sd["pos_embed.W_pos"][0, 0] = 1.0
+        sd["blocks.0.attn.W_K"][0, 0, :] = 0.0
+        sd["blocks.0.attn.W_K"][0, :, 0] = 0.0
+        sd["blocks.0.attn.W_K"][0, 0, 0] = 1.0
+        sd["blocks.0.attn.b_Q"][0, :] = 0.0
+        sd["blocks.0.attn.b_Q"][0, 0] = gap * cfg["d_head"] ** 0.5
+        return sd
+
+    if not HAS_HOOKED:
+        from bayesmanifold.backends.bridge_loading import (
+            bridge_config,
+            build_native,
+            hooked_init_state_dict,
+        )
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sd = hooked_init_state_dict(bridge_config(cfg, dtype), dtype)
+            return build_native(cfg, seed=seed, dtype=dtype, state_dict=edit(sd))
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HookedTransformer(HookedTransformerConfig(**cfg)).eval()
+    model.load_state_dict(edit(model.state_dict()))
+    return model

@@ -11,7 +11,11 @@ models. At the final token of each prompt it measures, per layer:
   its reduction from the first to the last layer.
 
 Signature criteria (Paper III): (1) PC1 or PC1+PC2 > 30% (here: in the layer where PC1+PC2 is
-largest, which is reported); (2) key orthogonality < 0.20 in ≥ 50% of layers; (3) > 30%
+largest among the layers that can carry a verdict, which is reported; a layer whose PCA is
+rank-limited (n ≤ d) or whose final-token values span at most 2 dimensions (PC1+PC2 = 100% by
+construction, e.g. 6 prompts ending in 3 distinct tokens at layer 0) cannot: with no such layer
+the criterion is untested, ``criteria["value_manifold"]`` is None and
+``value_manifold_untested`` says why); (2) key orthogonality < 0.20 in ≥ 50% of layers; (3) > 30%
 attention-entropy reduction first → last layer.
 
 Prompts run one at a time (no padding, so the final token is the last position), each in one
@@ -84,6 +88,11 @@ class Paper3Result:
     n_prompts: int
     best_layer: int
     rank_limited: bool = False
+    #: per layer: the value vectors span > 2 dimensions and n > d (a full-rank covariance); only
+    #: such a layer can carry the value-manifold verdict (elsewhere PC1+PC2 is inflated, or 100% by construction)
+    layer_valid: np.ndarray | None = None
+    #: why the value-manifold criterion is untested ('' when it is tested)
+    value_manifold_untested: str = ""
 
     @property
     def attention_entropy_reduction(self) -> float:
@@ -95,17 +104,22 @@ class Paper3Result:
         return float(np.mean(self.key_orthogonality < KEY_ORTH_THRESHOLD))
 
     @property
-    def criteria(self) -> dict[str, bool]:
+    def criteria(self) -> dict[str, bool | None]:
+        """Each criterion: met, not met, or None (untested: see :attr:`value_manifold_untested`)."""
         i = self.layers.index(self.best_layer)
         return {
-            "value_manifold": bool(self.pc1[i] > PC_THRESHOLD or self.pc12[i] > PC_THRESHOLD),
+            "value_manifold": None if self.value_manifold_untested else bool(self.pc1[i] > PC_THRESHOLD or self.pc12[i] > PC_THRESHOLD),
             "key_orthogonality": bool(self.key_orth_share_below >= KEY_ORTH_LAYER_SHARE),
             "attention_focusing": bool(self.attention_entropy_reduction > ENTROPY_REDUCTION_THRESHOLD),
         }
 
     @property
     def n_criteria_met(self) -> int:
-        return sum(self.criteria.values())
+        return sum(v is True for v in self.criteria.values())
+
+    @property
+    def n_criteria_tested(self) -> int:
+        return sum(v is not None for v in self.criteria.values())
 
     def summary(self) -> dict[str, Any]:
         i = self.layers.index(self.best_layer)
@@ -120,7 +134,9 @@ class Paper3Result:
             "attention_entropy_reduction": self.attention_entropy_reduction,
             "criteria": self.criteria,
             "n_criteria_met": self.n_criteria_met,
+            "n_criteria_tested": self.n_criteria_tested,
             "rank_limited": self.rank_limited,
+            "value_manifold_untested": self.value_manifold_untested,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +181,8 @@ class Paper3Result:
         ax.axhline(PC_THRESHOLD, color="gray", ls=":", lw=1)
         ax.axhline(KEY_ORTH_THRESHOLD, color="gray", ls="--", lw=1)
         ax.set_xlabel("layer")
-        ax.set_title(f"Paper III signature: {self.n_criteria_met}/3 criteria met ({self.n_prompts} prompts)", fontsize=9)
+        ax.set_title(f"Paper III signature: {self.n_criteria_met}/{self.n_criteria_tested} tested criteria met "
+                     f"({self.n_prompts} prompts)", fontsize=9)
         ax.legend(fontsize=7)
         return ax
 
@@ -188,6 +205,9 @@ def paper3_protocol(
         >>> res.criteria  # doctest: +SKIP
     """
     access = model_access(model)
+    if isinstance(prompts, str) and not Path(prompts).exists():
+        raise InputError(f"prompts {prompts[:60]!r} names no file: give the path of a prompts file (one prompt per line) "
+                         "or a list of at least 3 prompt strings")
     if isinstance(prompts, str | os.PathLike):
         plist = read_prompts(prompts)
     else:
@@ -237,6 +257,15 @@ def paper3_protocol(
     ko = key_orthogonality(model, definition="columns", layers=layer_list, random_init_baseline=False).per_layer
     ent = ent_acc.finalize().per_layer
     pc12 = np.array([r.pc12_share for r in res])
+    ranks = [_effective_rank(r.explained_variance) for r in res]
+    valid = np.array([not r.rank_limited and k > 2 for r, k in zip(res, ranks)])
+    untested = ""
+    if not valid.any():
+        d = max(r.n_features for r in res)
+        untested = (f"untested: too few distinct prompts ({len(plist)} prompts, whose final-token value vectors span at "
+                    f"most {max(ranks)} dimensions in any layer; needed: more than {d} prompts with distinct final "
+                    f"contexts, for a full-rank covariance of the {d} value features)")
+    pick = np.where(valid, pc12, -np.inf) if valid.any() else pc12
     return Paper3Result(
         layers=layer_list,
         pc1=np.array([r.pc1_share for r in res]),
@@ -246,9 +275,18 @@ def paper3_protocol(
         key_orthogonality=np.asarray(ko),
         attention_entropy=np.asarray(ent),
         n_prompts=len(plist),
-        best_layer=int(layer_list[int(np.argmax(pc12))]),
+        best_layer=int(layer_list[int(np.argmax(pick))]),
         rank_limited=rank_limited,
+        layer_valid=valid,
+        value_manifold_untested=untested,
     )
+
+
+def _effective_rank(explained_variance: np.ndarray) -> int:
+    """Directions with variance above rounding: k distinct points span at most k − 1 of them."""
+    ev = np.asarray(explained_variance, dtype=float)
+    total = float(ev.sum()) if ev.size else 0.0
+    return int((ev > 1e-9 * total).sum()) if total > 0 else 0
 
 
 def _next_token_entropy(out: OutputBundle) -> Tensor:

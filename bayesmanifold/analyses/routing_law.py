@@ -10,30 +10,22 @@ o_i = Σ_j α_ij v_j and upstream gradient u_i = ∂L/∂o_i, with b_ij = u_i·v
 recomputing b = u·v from the captured u and v (GQA-aware: a shared kv head's gradient sums over
 its group), and judges per head whether the laws hold.
 
-How a head is judged (the traps this avoids):
-
-- A relative residual is ``max|autograd − law| / (max|autograd| + max|autograd − law|)``. The
-  scale lies between max(|autograd|, |law|) and twice it, so it cannot vanish while the law's side
-  does not: when autograd's gradient is exactly 0 and the law's is not (an intervention that
-  replaces the head's output after ``hook_z``, a detached path), the relative residual is 1 and
-  the head does not hold, instead of 0/0 read as "holds". It needs no extra pass over the tensors.
-- When both sides are exactly 0 there is nothing to compare: the relative residual is NaN, the
-  head holds only trivially, ``tested`` is False and ``reason`` says no gradient flows to it.
-- The tolerance follows the dtype of the captured tensors: ``eps ** (2/3)`` (float64 3.7e-11,
-  float32 2.4e-5, float16 9.8e-3, bfloat16 3.9e-2), i.e. about two thirds of the significant
-  digits must agree; the float64 residuals of a healthy model are ~1e-16, float32 ~1e-7.
-  ``RoutingLawCheck(tolerance=...)`` overrides it (e.g. for a model whose softmax runs in a
-  lower precision than its tensors).
-- Σ_j ∂L/∂s_ij is judged against max_i Σ_j α_ij |b_ij|, the size of the terms whose rounding it
-  carries (not against max|∂L/∂s|, which is tiny under peaked attention while the rounding is
-  not). A learned extra key in the softmax (an attention sink) leaves every entry's law intact but
-  makes rows of α sum to less than 1 and Σ_j ∂L/∂s_ij = b̄_i (1 − Σ_j α_ij) ≠ 0: such a head does
-  not hold, and its reason reports the row sums of α.
+How a head is judged is in :mod:`~bayesmanifold.analyses.routing_law_result` (the tolerance model,
+also stated in every result's ``tolerance_model``). In short: the routing law and the row sums are
+judged per query row against ``tol · Σ_j α_ij |b_ij|``, an absolute bound from the magnitudes the
+law's two terms carry (so an attention-sink head, whose law value is far below its terms, is not
+failed by their rounding and the verdict does not flip with the batch size); ∂L/∂α and ∂L/∂v by a
+relative residual whose scale cannot vanish unless both sides do; ``tol = eps ** (2/3)`` of the
+coarser of the tensors' and the softmax's dtype (float64 3.7e-11, float32 2.4e-5). A head with
+no gradient is marked untested; a cut gradient path (autograd exactly 0, the law not) fails. A
+learned extra key in the softmax (an attention sink outside the captured scores) makes
+Σ_j ∂L/∂s_ij = b̄_i (1 − Σ_j α_ij) ≠ 0: such a head does not hold and its reason reports the row
+sums of α.
 """
 
-import math
+import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,9 +36,11 @@ from ..backends.batch import Batch
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
+from ..hooks.model_state import describe_active_dropout
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
 from .headstats import HeadStats, RowBuffers, Scratch, layer_tiles, zeroer
+from .routing_law_result import TOLERANCE_MODEL, RoutingLawResult, judge_head, law_tolerance
 
 __all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance"]
 
@@ -55,143 +49,12 @@ _CHECK_KINDS = {
                                         "residual_dvalues", "dvalues")},
     "max_row_scale": "max",  # max_i Σ_j α_ij |b_ij|
     "max_pattern_row_deficit": "max",  # max_i |1 − Σ_j α_ij| over real query rows
+    "max_excess_dscores": "max",  # max_i (max_j |∂L/∂s_ij − α_ij(b_ij − b̄_i)| − tol Σ_j α_ij|b_ij|): > 0 fails
+    "max_excess_rowsum": "max",  # max_i (|Σ_j ∂L/∂s_ij| − tol Σ_j α_ij|b_ij|): > 0 fails
+    "max_terms_residual_dscores": "max",  # max_i res_i / (Σ_j α_ij|b_ij| + res_i): shown, 0 where both are 0
     "value_law_checked": "min",
     "n_batches": "sum",
 }
-
-
-def law_tolerance(dtype: torch.dtype) -> float:
-    """The relative tolerance the laws are judged with in ``dtype``: ``eps ** (2/3)``."""
-    return float(torch.finfo(dtype).eps) ** (2 / 3)
-
-
-def _nanmax(vals: Iterable[float]) -> float:
-    vals = [v for v in vals if not math.isnan(v)]
-    return max(vals) if vals else float("nan")
-
-
-@dataclass(frozen=True, eq=False)
-class RoutingLawResult:
-    """Per-head residuals of the gradient laws against autograd (max over every batch seen).
-
-    Columns per head: ``max_abs_residual_*`` and ``rel_residual_*`` for ∂L/∂s (``dscores``),
-    ∂L/∂α (``dpattern``) and ∂L/∂v (``dvalues``), relative as in the module docstring (NaN where
-    both sides are exactly 0); ``max_abs_rowsum_dscores`` = max|Σ_j ∂L/∂s_ij| and
-    ``rel_rowsum_dscores`` against max_i Σ_j α_ij|b_ij|; ``max_pattern_row_deficit`` =
-    max|1 − Σ_j α_ij| over real query rows; ``value_law_checked`` (False where a kv head's group is
-    not fully selected under GQA: its autograd gradient sums over heads not captured, so the value
-    residuals are NaN); ``tested`` (some law had a non-zero side), ``holds``, ``tolerance`` and
-    ``reason`` (why the head does not hold, or what was not tested; empty otherwise).
-    """
-
-    rows: list[dict[str, Any]]
-    floor: str = ""  # which precision bounds the residuals when it is not the tensors' (and why)
-
-    @property
-    def max_abs_residual_dscores(self) -> float:
-        return max(r["max_abs_residual_dscores"] for r in self.rows)
-
-    @property
-    def max_rel_residual_dscores(self) -> float:
-        """Largest relative routing-law residual over the heads it was tested on (NaN: none)."""
-        return _nanmax(r["rel_residual_dscores"] for r in self.rows)
-
-    @property
-    def max_abs_residual_dvalues(self) -> float:
-        return _nanmax(r["max_abs_residual_dvalues"] for r in self.rows if r["value_law_checked"])
-
-    @property
-    def max_rel_residual_dvalues(self) -> float:
-        return _nanmax(r["rel_residual_dvalues"] for r in self.rows if r["value_law_checked"])
-
-    @property
-    def max_abs_residual_dpattern(self) -> float:
-        return max(r["max_abs_residual_dpattern"] for r in self.rows)
-
-    @property
-    def max_abs_rowsum_dscores(self) -> float:
-        return max(r["max_abs_rowsum_dscores"] for r in self.rows)
-
-    @property
-    def n_layers(self) -> int:
-        return len({r["layer"] for r in self.rows})
-
-    @property
-    def n_heads(self) -> int:
-        return len({r["head"] for r in self.rows})
-
-    @property
-    def n_tested(self) -> int:
-        """Heads with a non-zero gradient on some law's side (the others hold only trivially)."""
-        return sum(bool(r["tested"]) for r in self.rows)
-
-    @property
-    def holds(self) -> bool:
-        """Every head holds and at least one was tested: no gradient anywhere verifies nothing."""
-        return self.n_tested > 0 and all(r["holds"] for r in self.rows)
-
-    @property
-    def reason(self) -> str:
-        """Why :attr:`holds` is False, or what was not tested; empty when every law was tested and holds."""
-        if self.n_tested == 0:
-            return "no gradient reached any selected head (autograd and the laws are exactly 0 everywhere): nothing was tested"
-        bad = [r for r in self.rows if not r["holds"]]
-        if bad:
-            shown = "; ".join(f"L{r['layer']}H{r['head']}: {r['reason']}" for r in bad[:3])
-            more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-            return f"{len(bad)} of {len(self.rows)} heads do not hold: {shown}{more}"
-        untested = [f"L{r['layer']}H{r['head']}" for r in self.rows if not r["tested"]]
-        no_route = [f"L{r['layer']}H{r['head']}" for r in self.rows if r["tested"] and math.isnan(r["rel_residual_dscores"])]
-        notes = [f"no gradient flows to {', '.join(untested)}: not tested"] if untested else []
-        notes += [f"no routing gradient on {', '.join(no_route)}: routing law not tested there"] if no_route else []
-        return "; ".join(notes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form: the verdict, the maxima over heads, the sizes, one object per head."""
-        return {
-            "holds": self.holds,
-            "reason": self.reason,
-            "n_tested": self.n_tested,
-            "max_abs_residual_dscores": self.max_abs_residual_dscores,
-            "max_rel_residual_dscores": self.max_rel_residual_dscores,
-            "max_abs_residual_dvalues": self.max_abs_residual_dvalues,
-            "max_rel_residual_dvalues": self.max_rel_residual_dvalues,
-            "max_abs_residual_dpattern": self.max_abs_residual_dpattern,
-            "max_abs_rowsum_dscores": self.max_abs_rowsum_dscores,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "heads": [dict(r) for r in self.rows],
-            "floor": self.floor,
-        }
-
-    def summary(self) -> dict[str, Any]:
-        """Same as :meth:`to_dict` (the name callers used before)."""
-        return self.to_dict()
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
-    def plot(self, ax=None):
-        """Relative residual of the routing and value laws per head (log scale; no bar: not tested)."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(7, 3))
-        df = self.to_dataframe()
-        x = np.arange(len(df))
-        tiny = np.finfo(float).tiny
-        ax.bar(x - 0.2, np.maximum(df["rel_residual_dscores"], tiny), 0.4, label="∂L/∂s vs α(b − b̄)")
-        ax.bar(x + 0.2, np.maximum(df["rel_residual_dvalues"].fillna(tiny), tiny), 0.4, label="∂L/∂v vs Σ α u")
-        ax.plot(x, df["tolerance"], "_", color="grey", ms=10, label="tolerance")
-        ax.set_yscale("log")
-        labels = [f"L{r.layer}H{r.head}" + ("" if r.holds else " ✗") for r in df.itertuples()]
-        ax.set_xticks(x, labels, rotation=90, fontsize=7)
-        ax.set_ylabel("relative residual")
-        ax.set_title("Gradient laws against autograd" + ("" if self.holds else " (✗: does not hold)"))
-        ax.legend(fontsize=7)
-        return ax
 
 
 class RoutingLawCheck:
@@ -219,7 +82,11 @@ class RoutingLawCheck:
 
     def update(self, b: LayerBundle) -> None:
         alpha, u, v, gs, gp = b.pattern, b.grad_z, b.values, b.grad_scores, b.grad_pattern
-        self.eps = max([self.eps] + [torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values)])
+        eps_b = max(torch.finfo(t.dtype).eps for t in (alpha, u, v, gs, gp, b.grad_values))
+        self.eps = max(self.eps, eps_b)
+        if b.softmax_dtype is not None:
+            eps_b = max(eps_b, torch.finfo(b.softmax_dtype).eps)
+        tol_b = self.tolerance if self.tolerance is not None else eps_b ** (2 / 3)  # this bundle's precision
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
         rows = RowBuffers(["res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "alpha_sum"], alpha)
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
@@ -247,7 +114,11 @@ class RoutingLawCheck:
         dev = rows["alpha_sum"].sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded
         if not zero.fast:
             dev.mul_(b.query_valid[:, None, :].to(dev.dtype))
-        per_row = {**rows.t, "rowsum": rows["rowsum"].abs_(), "deficit": dev}  # per head: max over batch, queries
+        bound = rows["row_scale"].mul(tol_b)  # per row: the absolute tolerance from the summed terms
+        res_s, scale = rows["res_s"], rows["row_scale"]
+        terms = res_s.div(scale.add(res_s)).nan_to_num_(0.0)  # 0/0 only where both are 0: nothing to show
+        per_row = {**rows.t, "rowsum": rows["rowsum"].abs_(), "deficit": dev,  # per head: max over batch, queries
+                   "excess_s": res_s.sub(bound), "excess_r": rows["rowsum"].sub(bound), "terms": terms}
         cat = {k: x.amax((0, 2)).to("cpu", torch.float64) for k, x in per_row.items() if k != "alpha_sum"}
         kv = torch.tensor(b.kv_heads, device=law_t.device)  # per query head, summed over each kv head's group
         law_kv = law_t.new_zeros(law_t.shape[0], b.grad_values.shape[2], *law_t.shape[2:]).index_add_(1, kv, law_t)
@@ -262,6 +133,9 @@ class RoutingLawCheck:
             max_abs_rowsum_dscores=cat["rowsum"],
             max_row_scale=cat["row_scale"],
             max_pattern_row_deficit=cat["deficit"],
+            max_excess_dscores=cat["excess_s"],
+            max_excess_rowsum=cat["excess_r"],
+            max_terms_residual_dscores=cat["terms"],
             max_abs_residual_dpattern=cat["res_p"],
             max_abs_dpattern=cat["max_p"],
             max_abs_residual_dvalues=res_v_kv.cpu()[b.kv_heads],
@@ -282,76 +156,8 @@ class RoutingLawCheck:
         eps = max([self.eps, *self.softmax])
         tol = self.tolerance if self.tolerance is not None else eps ** (2 / 3)
         floor = "" if eps == self.eps else f"the model takes the softmax in {self.softmax[eps]}: the laws hold to {self.softmax[eps]} precision"
-        return RoutingLawResult(rows=[_judge(layer, head, s, tol) for layer, head, s in self.stats.rows()], floor=floor)
-
-
-_LAWS = {  # what each residual compares: autograd's side, the law's side
-    "dscores": ("∂L/∂s", "α(b − b̄)"),
-    "dpattern": ("∂L/∂α", "b = u·v"),
-    "dvalues": ("∂L/∂v", "Σ_i α_ij u_i"),
-}
-
-
-def _rel_and_problem(key: str, res: float, scale: float, tol: float) -> tuple[float, bool, str]:
-    """(relative residual, tested, why it fails or ''): the scale cannot vanish unless both sides do."""
-    grad, law = _LAWS[key]
-    if scale == 0 and res == 0:
-        return float("nan"), False, ""
-    rel = res / (scale + res)
-    if scale == 0:
-        return rel, True, (f"autograd {grad} is exactly 0 but the law predicts |{law}| up to {res:.3g}: "
-                           "the gradient path through this head is cut (e.g. its output is replaced after hook_z)")
-    if rel > tol:
-        return rel, True, f"{grad} differs from {law} by {rel:.3g} relative (tolerance {tol:.2g})"
-    return rel, True, ""
-
-
-def _judge(layer: int, head: int, s: dict[str, float], tol: float) -> dict[str, Any]:
-    checked = bool(s["value_law_checked"])
-    rel_s, tested_s, why_s = _rel_and_problem("dscores", s["max_abs_residual_dscores"], s["max_abs_dscores"], tol)
-    rel_p, tested_p, why_p = _rel_and_problem("dpattern", s["max_abs_residual_dpattern"], s["max_abs_dpattern"], tol)
-    rel_v, tested_v, why_v = float("nan"), False, ""
-    if checked:
-        rel_v, tested_v, why_v = _rel_and_problem("dvalues", s["max_abs_residual_dvalues"], s["max_abs_dvalues"], tol)
-    rowsum, scale, deficit = s["max_abs_rowsum_dscores"], s["max_row_scale"], s["max_pattern_row_deficit"]
-    rel_rowsum = rowsum / (scale + rowsum) if scale + rowsum > 0 else float("nan")
-    why_r = ""
-    if rowsum > 0 and rel_rowsum > tol:
-        why_r = (f"row sums of ∂L/∂s are not 0 (max |Σ_j ∂L/∂s_ij| = {rowsum:.3g}, {rel_rowsum:.3g} of the "
-                 "row's terms Σ_j α_ij|b_ij|)")
-        if deficit > tol:
-            why_r += (f": rows of α sum to as little as {1 - deficit:.6g}, so an attention sink or an extra key "
-                      "outside the captured scores takes part in the softmax")
-    problems = [w for w in (why_s, why_r, why_p, why_v) if w]
-    tested = tested_s or tested_p or tested_v
-    if problems:
-        reason = "; ".join(problems)
-    elif not tested:
-        reason = "no gradient flows to this head: autograd's gradients and the laws' sides are all exactly 0 (not tested)"
-    elif not tested_s:
-        reason = "∂L/∂s and α(b − b̄) are exactly 0 (no routing gradient): the routing law was not tested"
-    else:
-        reason = ""
-    return {
-        "layer": layer,
-        "head": head,
-        "max_abs_residual_dscores": s["max_abs_residual_dscores"],
-        "rel_residual_dscores": rel_s,
-        "max_abs_dscores": s["max_abs_dscores"],
-        "max_abs_rowsum_dscores": rowsum,
-        "max_abs_residual_dpattern": s["max_abs_residual_dpattern"],
-        "rel_residual_dpattern": rel_p,
-        "max_abs_residual_dvalues": s["max_abs_residual_dvalues"] if checked else float("nan"),
-        "rel_residual_dvalues": rel_v,
-        "value_law_checked": checked,
-        "n_batches": int(s["n_batches"]),
-        "rel_rowsum_dscores": rel_rowsum,
-        "max_pattern_row_deficit": deficit,
-        "tested": tested,
-        "holds": not problems,
-        "tolerance": tol,
-        "reason": reason,
-    }
+        rows = [judge_head(layer, head, s, tol) for layer, head, s in self.stats.rows()]
+        return RoutingLawResult(rows=rows, floor=floor, tolerance_model=TOLERANCE_MODEL)
 
 
 def verify_routing_law(
@@ -382,6 +188,9 @@ def verify_routing_law(
         >>> law, adv = verify_routing_law(model, tokens)  # doctest: +SKIP
         >>> law.holds, law.reason  # doctest: +SKIP
     """
+    dropout = describe_active_dropout(model)
+    if dropout:
+        warnings.warn(dropout, RuntimeWarning, stacklevel=2)
     check = RoutingLawCheck(tolerance=tolerance)
     accs: list[Any] = [check]
     adv = AdvantageStats() if advantage_stats else None
@@ -396,4 +205,7 @@ def verify_routing_law(
             n += 1
         if n == 0:
             raise InputError("no batches given; expected at least one Batch or token tensor")
-    return check.finalize(), adv.finalize() if adv is not None else None
+    law = check.finalize()
+    if dropout:
+        law = dataclasses.replace(law, mode=dropout)
+    return law, adv.finalize() if adv is not None else None

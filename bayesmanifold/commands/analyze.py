@@ -64,8 +64,10 @@ def write_figures(result, out: str | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..backends import model_access
+    from ..models.checkpoint import refuse_unusable
     from ..suite import SuiteConfig, run_suite
 
+    refuse_unusable(args.target, command="analyze", attention=True)
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
     target = open_model_from(args, args.target, task=args.task)
@@ -85,14 +87,21 @@ def run(args: argparse.Namespace) -> int:
         f"value manifold ({res['manifold_features']}): PC1 {100 * res['value_pc1']:.1f}%, PC1+PC2 {100 * res['value_pc12']:.1f}%, "
         f"PR {res['participation_ratio']:.2f}, Spearman(PC1, entropy) {rho if rho is None else format(rho, '+.3f')}"
     )
+    if res.get("value_manifold_untested"):
+        print(f"value-manifold criterion {res['value_manifold_untested']}")
     print(f"attention-entropy reduction first→last: {100 * res['attention_entropy_reduction']:.1f}%")
     if "frame_stabilization_step" in res:
         print(
-            f"frame stabilises at step {res['frame_stabilization_step']}, precision at {res['precision_stabilization_step']} "
-            f"(ratio {res['dissociation_ratio']}); settling (distance to final): frame {res['frame_settling_step']}, "
-            f"values {res['precision_settling_step']}, calibration {res['calibration_settling_step']}"
+            f"frame stabilises {_at(res['frame_stabilization_step'])}, precision {_at(res['precision_stabilization_step'])} "
+            f"(ratio {res['dissociation_ratio'] if res['dissociation_ratio'] is not None else 'n/a'}); settling (distance to "
+            f"final): frame {_at(res['frame_settling_step'])}, values {_at(res['precision_settling_step'])}, "
+            f"calibration {_at(res['calibration_settling_step'])}"
         )
     if figs:
         print(f"figures: {', '.join(figs)}")
     write_json(args.json, res)
     return 0
+
+
+def _at(step) -> str:
+    return "not within the replayed snapshots" if step is None else f"at step {step}"

@@ -23,23 +23,45 @@ def add_arguments(parser) -> None:
     add_device_arg(parser)
     add_json_arg(parser)
     parser.add_argument("--record", action="store_true",
-                        help="write metrics.json into the checkpoint directory: this measurement, "
+                        help="write metrics.json into the checkpoint directory (not a shipped one; refused if it exists "
+                        "unless --overwrite): this measurement, "
                         "a quick one (--quick-n-seqs) that tests re-measure, and for HMM the K=30 "
                         "and K=50 length generalisation")
     parser.add_argument("--quick-n-seqs", type=at_least(1), default=200)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --record: replace the metrics.json the checkpoint directory holds (never a shipped "
+                        "checkpoint's: the installed package is not written)")
+
+
+def check_record(checkpoint: str, overwrite: bool) -> None:
+    """``--record`` writes metrics.json into the checkpoint directory: never into the installed
+    package (a shipped checkpoint's recorded measurement), never over an existing one unless
+    ``overwrite``; the directory must be writable. Checked before measuring."""
+    from ..models.checkpoint import METRICS, resolve_checkpoint, shipped_dir
+
+    d = resolve_checkpoint(checkpoint).resolve()
+    if d.is_relative_to(shipped_dir().resolve()):
+        raise ConfigError(f"--record: {checkpoint!r} is a checkpoint shipped inside the installed package; its recorded "
+                          f"{METRICS} is not rewritten. Copy the directory ({str(d)!r}) elsewhere and record there, or use --json")
+    if (d / METRICS).is_file() and not overwrite:
+        raise ConfigError(f"--record: {str(d / METRICS)!r} exists (a recorded measurement); pass --overwrite to replace it, "
+                          "or use --json")
+    check_writable_dir(d, METRICS, "--record")
 
 
 def run(args) -> int:
     from ..analyses.logit_lens import logit_lens_kl
-    from ..models.checkpoint import load_checkpoint, resolve_checkpoint
+    from ..models.checkpoint import load_checkpoint, refuse_unusable
     from ..windtunnels.calibration import calibration_from_probs, measure_calibration
 
     device = args.device
+    refuse_unusable(args.checkpoint, command="calibration", exact_posterior=True)
+    if args.overwrite and not args.record:
+        raise ConfigError("--overwrite applies to --record only (it replaces the checkpoint's metrics.json)")
     if args.record:
         if args.k is not None:
             raise ConfigError("--record measures the trained length; do not combine it with --k")
-        # metrics.json goes into the checkpoint directory: check before measuring
-        check_writable_dir(resolve_checkpoint(args.checkpoint), "metrics.json", "--record")
+        check_record(args.checkpoint, args.overwrite)  # metrics.json: checked before measuring
     model, task, cfg, _ = load_checkpoint(args.checkpoint, device=device)
     if args.k is not None:
         if task.NAME != "hmm":

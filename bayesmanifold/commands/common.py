@@ -28,6 +28,7 @@ __all__ = [
     "device",
     "format_table",
     "input_file",
+    "text_file",
     "model_spec",
     "add_model_args",
     "add_model_options",
@@ -124,6 +125,12 @@ def replaced_dir(text: str) -> str:
     p = Path(text)
     if p.exists():
         _writable_dir(p.resolve().parent, "the new directory")
+        from ..report.document import check_replaceable
+
+        try:
+            check_replaceable(p)
+        except BayesManifoldError as exc:
+            raise _Bad(str(exc)) from None
     return text
 
 
@@ -138,6 +145,29 @@ def input_file(text: str) -> str:
         raise _Bad(f"file {text!r} is not readable")
     if p.stat().st_size == 0:
         raise _Bad(f"file {text!r} is empty")
+    return text
+
+
+def text_file(text: str) -> str:
+    """:func:`input_file` that holds UTF-8 text (``verify --text``): a binary file is refused, as
+    ``scan`` refuses it."""
+    import codecs
+
+    input_file(text)
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(text, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                dec.decode(chunk)
+            except UnicodeDecodeError as exc:
+                at = offset + max(exc.start, 0)
+                raise _Bad(f"{text!r} is not UTF-8 text (invalid byte at offset {at}); give a text file") from None
+            offset += len(chunk)
+    try:
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise _Bad(f"{text!r} is not UTF-8 text (it ends inside a character); give a text file") from None
     return text
 
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io import atomic_write_text
-from .common import add_model_args, format_table, open_model_from, write_json
+from .common import (
+    add_model_args,
+    format_table,
+    input_file,
+    open_model_from,
+    output_file,
+    seed,
+    write_json,
+)
 
 NAME = "map"
 HELP = "per head and token: attention α, advantage A = b̄ − b and routing force αA of a prompt, as an HTML page"
@@ -17,14 +25,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, positional="model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
-    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
-    p.add_argument("--heads", metavar="L.H,...", default=None, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
+    src.add_argument("--prompt-file", metavar="FILE", type=input_file, help="read the prompt from a UTF-8 text file")
+    p.add_argument("--heads", metavar="L.H,...", default=None, type=head_list, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
     p.add_argument("--objective", default="next-token", metavar="NAME",
                    help="next-token (default: mean next-token cross-entropy over the prompt), last, or pos:P[,P...]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy model's weights")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the toy model's weights")
     p.add_argument("--title", default=None, help="page title (default: model and prompt length)")
-    p.add_argument("--out", required=True, metavar="HTML", help="write the page here")
-    p.add_argument("--json", metavar="PATH", help="also write the matrices as JSON (prompt, token_ids, tokens, heads)")
+    p.add_argument("--out", required=True, metavar="HTML", type=output_file, help="write the page here")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the matrices as JSON (prompt, token_ids, tokens, heads)")
+
+
+def head_list(text: str) -> str:
+    """``L.H,...`` with indices counted from 0 (``L.*``: every head of layer L), checked as parsed."""
+    import re
+
+    for item in text.split(","):
+        if not re.fullmatch(r"\s*\d+\.(\d+|\*)\s*", item):
+            raise argparse.ArgumentTypeError(
+                f"head {item.strip()!r} not understood; give LAYER.HEAD with indices counted from 0, e.g. 0.1,1.3 "
+                "(1.* for a whole layer; no negative indices)")
+    return text
 
 
 def check_writable(path: str, what: str) -> None:
@@ -62,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
     prompt = read_prompt(args)
+    from ..models.checkpoint import refuse_unusable
+
+    refuse_unusable(args.model, command="map", text=True, attention=True)
     model = open_model_from(args).model
     m = routing_map(model, prompt, heads=args.heads, objective=args.objective)
     title = args.title or f"Routing map: {args.model}, {len(m.token_ids)} tokens"

@@ -43,7 +43,10 @@ def print_report(config, json_path: str | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.checkpoint import refuse_unusable
     from ..report import ReportConfig
+
+    refuse_unusable(args.target, command="report", attention=True)
 
     config = ReportConfig(target=args.target, out=args.out, device=args.device, seed=args.seed, quick=args.quick,
                           task=args.task, prompts=args.prompts, em_vs_sgd=args.em_vs_sgd, progress=not args.no_progress)

@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if probes is not None:
         for m, s in probes.summary.items():
             print(
-                f"dynamics ({m}, seed {config.seeds[0]}): attention drift below 10% of peak from step "
-                f"{s['attention_stable_step']}, value drift from step {s['values_stable_step']}; "
+                f"dynamics ({m}, seed {config.seeds[0]}): attention drift below 10% of peak "
+                f"{_from_step(s['attention_stable_step'])}, value drift {_from_step(s['values_stable_step'])}; "
                 f"routing first: {s['routing_first']}"
             )
     if deep_res is not None:
@@ -99,3 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
         atomic_write_json(args.json, out)
     return 0
+
+
+def _from_step(step) -> str:
+    return "not reached within the run" if step is None else f"from step {step}"

@@ -10,9 +10,18 @@ import os
 import re
 
 from ..corpus import DEFAULT_MEASURES, MEASURES, ScanConfig, scan
+from ..corpus.scan import check_out_dir
 from ..errors import ConfigError
 from ..models.target import open_target
-from .common import add_json_arg, add_model_args, format_table, write_json
+from .common import (
+    add_json_arg,
+    add_model_args,
+    at_least,
+    format_table,
+    output_dir,
+    seed,
+    write_json,
+)
 
 NAME = "scan"
 HELP = "stream the routing law, advantage statistics, attention entropy and value-update norms over a corpus"
@@ -23,19 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, positional="model")
     p.add_argument("--data", required=True, metavar="PATH", help="a text file, a directory of text files, a .jsonl file (field \"text\") or a .npy array of token ids")
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "tokens"], help="how to read --data (default: by its extension)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128; at most the model's n_ctx)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per pass (default 8)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="use at most N tokens of the corpus (whole windows)")
+    p.add_argument("--seq-len", type=at_least(2), default=128, help="tokens per window (default 128; at most the model's n_ctx)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="windows per pass (default 8)")
+    p.add_argument("--max-tokens", type=at_least(1), default=None, metavar="N", help="use at most N tokens of the corpus (whole windows)")
     p.add_argument("--layers", default=None, metavar="LIST", help="layers to measure, e.g. 0,2,5 or 0-3 (default: all)")
     p.add_argument("--measures", default="default", metavar="LIST",
                    help=f"comma-separated from {', '.join(MEASURES)}; 'default' = {','.join(DEFAULT_MEASURES)}; 'all'")
-    p.add_argument("--out", metavar="DIR", help="write heads.csv/.parquet, summary.json, figures/, index.html and the resumable state here")
+    p.add_argument("--out", metavar="DIR", type=output_dir, help="write heads.csv/.parquet, summary.json, figures/, index.html and the resumable state here")
+    p.add_argument("--overwrite", action="store_true", help="replace the finished scan, or discard the interrupted one's checkpoints, that --out holds (refused otherwise)")
     p.add_argument("--no-figures", action="store_true", help="skip the heatmap PNGs (faster)")
     add_json_arg(p)
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N batches (needs --out; default 0: only the final state)")
+    p.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="N", help="checkpoint every N batches (needs --out; default 0: only the final state)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
     p.add_argument("--shard", default=None, metavar="K/N", help="measure only block K of N (0-based) of the corpus's batches; combine with 'bayesmanifold merge'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy model's weights (recorded with the run)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the toy model's weights (recorded with the run)")
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -45,9 +55,12 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         for part in (x.strip() for x in text.split(",")):
             rng = re.fullmatch(r"(\d+)-(\d+)", part)
+            if not rng and not re.fullmatch(r"\d+", part):
+                raise ValueError(part)
             out += list(range(int(rng[1]), int(rng[2]) + 1)) if rng else [int(part)]
     except ValueError:
-        raise ConfigError(f"--layers {text!r} not understood; use e.g. 0,2,5 or 0-3") from None
+        raise ConfigError(f"--layers {text!r} not understood; give layer indices counted from 0, e.g. 0,2,5 or 0-3 "
+                          "(no negative indices)") from None
     return tuple(out)
 
 
@@ -89,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         shard=parse_shard(args.shard),
         figures=not args.no_figures,
+        overwrite=args.overwrite,
     )
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)  # before the model is loaded
     # under torchrun, --device cuda means this process's GPU (cuda:LOCAL_RANK)
     model = open_target(args.model, device=_device(args.device), dtype=args.dtype, seed=args.seed,
                         tokenizer=args.tokenizer).model

@@ -133,8 +133,9 @@ def run(args) -> int:
     )
     model = None
     if args.init_from:
-        from ..models.checkpoint import load_checkpoint
+        from ..models.checkpoint import load_checkpoint, refuse_unusable
 
+        refuse_unusable(args.init_from, command="train --init-from")
         model, init_task, init_cfg, _ = load_checkpoint(args.init_from)
         if init_task != task or init_cfg["model"] != spec.to_dict():
             raise ConfigError(

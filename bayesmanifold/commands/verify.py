@@ -8,14 +8,16 @@ from .common import (
     add_seed_arg,
     at_least,
     format_table,
-    input_file,
     open_model_from,
+    text_file,
     tokens_for,
     write_json,
 )
 
 NAME = "verify"
 HELP = "verify the advantage routing law and the value-update law against autograd, per head"
+EXIT_CODES = ("exit codes: 0 the laws hold on every tested head; 1 a law does not hold on some head (or no "
+              "gradient reached any head, so nothing was tested); 2 bad input (one line on stderr)")
 EXAMPLE = "bayesmanifold verify --model toy --dtype float64 --json out.json"
 
 
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, default="toy")
     p.add_argument("--batch-size", type=at_least(1), default=4)
     p.add_argument("--seq-len", type=at_least(2), default=64)
-    p.add_argument("--text", metavar="FILE", type=input_file, help="tokenise this text file instead of random tokens")
+    p.add_argument("--text", metavar="FILE", type=text_file, help="tokenise this UTF-8 text file instead of random tokens")
     add_seed_arg(p, help="seed of the random tokens and the toy model")
     add_json_arg(p)
 
@@ -65,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
     )
-    print(f"max relative residual of the routing law: {summary['max_rel_residual_dscores']:.3e}")
+    print(f"max residual of the routing law: {summary['max_terms_residual_dscores']:.3e} of the summed terms "
+          f"Σ_j α_ij|b_ij| of its row (judged per row), {summary['max_rel_residual_dscores']:.3e} of max|∂L/∂s|")
     from ..backends import model_access
 
     access = model_access(model)
     floor = law.floor or f"the softmax runs in the model's {str(access.dtype).removeprefix('torch.')}"
-    print(f"backend {access.name}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g})")
+    print(f"backend {access.name}; numerical floor: {floor} (tolerance {law.rows[0]['tolerance']:.2g} × the size of "
+          "the summed terms, per row)")
     print(f"the laws hold on every head: {'yes' if law.holds else 'NO'}" + (f" ({law.reason})" if law.reason else ""))
     summary.update(
         {
@@ -84,4 +88,4 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     write_json(args.json, summary)
-    return 0
+    return 0 if law.holds else 1

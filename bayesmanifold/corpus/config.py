@@ -31,6 +31,8 @@ class ScanConfig:
         checkpoint_every: write a resumable checkpoint every this many batches (0: none; the
             final state is still written to ``out``).
         resume: continue the run whose checkpoints are in ``out``.
+        overwrite: replace what ``out`` holds of an earlier run (a finished scan, or an interrupted
+            one's checkpoints); without it such a directory is refused before any work.
         seed: recorded with the run (the scan itself draws no random numbers; commands pass it
             to the model loader).
         shard: ``(index, count)``: measure only block ``index`` of ``count`` contiguous blocks of
@@ -53,6 +55,7 @@ class ScanConfig:
     shard: tuple[int, int] = (0, 1)
     progress: bool | None = None
     figures: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, v: Any, low: int) -> None:
@@ -81,6 +84,8 @@ class ScanConfig:
         if len(shard) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in shard) or not 0 <= shard[0] < shard[1]:
             raise ConfigError(f"shard must be (index, count) with 0 ≤ index < count, got {self.shard!r}")
         object.__setattr__(self, "shard", shard)
+        if self.resume and self.overwrite:
+            raise ConfigError("resume continues the run in out and overwrite discards it: give one of them")
         if self.resume and not self.out:
             raise ConfigError("resume needs the output directory (out) that holds the run's checkpoints")
         if self.checkpoint_every and not self.out:

@@ -239,8 +239,20 @@ def _tokenize(docs, access: Any, budget: int | None) -> tuple[np.ndarray, int, s
 
 def _read_npy(p: Path, access: Any) -> np.ndarray:
     try:
+        with open(p, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise InputError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{str(p)!r} is not a .npy file (no NumPy header); for a text corpus give --format text "
+                         "(or a .txt name), for token ids an array saved with numpy.save")
+    try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Python objects" in str(exc):
+            raise InputError(f"{str(p)!r} holds Python objects, not token ids; save an integer array with numpy.save") from None
+        raise InputError(f"cannot read {str(p)!r} as a .npy array of token ids: {exc}") from None
+    except OSError as exc:
         raise InputError(f"cannot read {str(p)!r} as a .npy array of token ids: {exc}") from None
     if not np.issubdtype(arr.dtype, np.integer):
         raise InputError(f"{str(p)!r} holds {arr.dtype} values; token ids must be integers")

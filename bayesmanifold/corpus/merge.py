@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from .measures import ModelShape
 from .result import ScanResult, build_result
 from .scan import FINAL_STATE, identity_mismatch, merge_states
@@ -21,7 +21,8 @@ from .state import load_checkpoint, save_checkpoint
 __all__ = ["merge_runs"]
 
 
-def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, figures: bool = True) -> ScanResult:
+def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None, *, figures: bool = True,
+               overwrite: bool = False) -> ScanResult:
     """Merge finished scans of disjoint parts of one corpus; write the result to ``out`` if given
     (with heatmaps unless ``figures`` is False).
 
@@ -29,9 +30,12 @@ def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = No
         CheckpointError: a directory without a finished scan, or parts from another model, data
             or configuration.
         InputError: fewer than two parts, or parts that overlap.
+        ConfigError: ``out`` is one of the parts (it would replace that shard's result), or holds
+            a scan already and ``overwrite`` is not set.
     """
     if len(dirs) < 2:
         raise InputError(f"merge needs at least two scan directories, got {len(dirs)}")
+    check_merge_out(dirs, out, overwrite=overwrite)
     parts = []
     for d in dirs:
         path = Path(d) / FINAL_STATE
@@ -91,6 +95,21 @@ def merge_runs(dirs: list[str | os.PathLike], out: str | os.PathLike | None = No
                         n_tokens=n_tok, n_sequences=n_seq, accumulators=accs, complete=True, extra={"summary": summary})
         write_outputs(result, out, figures=figures)
     return result
+
+
+def check_merge_out(dirs: list[str | os.PathLike], out: str | os.PathLike | None, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that is one of the merged parts (never, even with ``overwrite``: the
+    part's own result would be replaced by the merge) or that holds a scan already."""
+    if out is None:
+        return
+    o = Path(out).resolve()
+    for d in dirs:
+        if Path(d).resolve() == o:
+            raise ConfigError(f"--out {str(out)!r} is one of the scans being merged: the merge would replace that shard's "
+                              "result; write the merge to a new directory")
+    if not overwrite and (o / FINAL_STATE).is_file():
+        raise ConfigError(f"--out {str(out)!r} holds a scan already ({FINAL_STATE}): give a new directory, or pass "
+                          "--overwrite to replace it")
 
 
 def _ranges(ck: dict) -> list[list[int]]:

@@ -39,10 +39,30 @@ from .measures import MEASURES, ModelShape, position_groups
 from .result import ScanResult, build_result
 from .state import encode_state, load_checkpoint, restore_state, save_checkpoint
 
-__all__ = ["scan", "model_fingerprint", "run_identity", "fresh_accumulators", "FINAL_STATE"]
+__all__ = ["scan", "model_fingerprint", "run_identity", "fresh_accumulators", "check_out_dir", "FINAL_STATE"]
 
 FINAL_STATE = "state.pt"
 _RANK_DIR = "checkpoints"
+
+
+def check_out_dir(out: str | Path | None, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory that holds an earlier run, unless ``resume``
+    continues it or ``overwrite`` discards it: a finished scan is never replaced and an
+    interrupted run's checkpoints are never deleted without being asked to."""
+    if out is None or resume or overwrite:
+        return
+    d = Path(out)
+    ckpts = sorted(p.name for p in (d / _RANK_DIR).glob("rank*-of-*.pt")) if (d / _RANK_DIR).is_dir() else []
+    if ckpts:
+        raise CheckpointError(
+            f"{str(d)!r} holds an interrupted scan ({_RANK_DIR}/{ckpts[0]}): continue it with --resume (resume=True), "
+            "or pass --overwrite (overwrite=True) to discard it and start again"
+        )
+    if (d / FINAL_STATE).is_file():
+        raise CheckpointError(
+            f"{str(d)!r} holds a finished scan ({FINAL_STATE}): give another output directory, or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -156,6 +176,7 @@ def scan(model: torch.nn.Module, config: ScanConfig, *, on_batch: Callable[[int]
     """
     if not isinstance(config, ScanConfig):
         raise ConfigError(f"config must be a ScanConfig, got {type(config).__name__}")
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
     access = model_access(model)
     n_ctx = access.n_ctx
     if n_ctx is not None and config.seq_len > n_ctx:

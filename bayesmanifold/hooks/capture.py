@@ -36,6 +36,7 @@ from ..errors import InputError, ModelError, ObjectiveError, SelectionError
 from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
 from .grad_scope import bind as _bind
 from .grad_scope import weights_frozen as _weights_frozen
+from .model_state import check_materialised
 from .objectives import Objective, next_token_loss, validate_objective_value
 
 __all__ = ["LayerBundle", "OutputBundle", "Accumulator", "Capture", "capture"]
@@ -97,8 +98,8 @@ class Capture:
         objective: Objective | None = None,
         input_hook: str | None = "embed",
     ) -> None:
-        self.model = model
-        self.access = model_access(model)
+        check_materialised(model)
+        self.model, self.access = model, model_access(model)
         self._infos = self.access.layers
         self.layers = self.access.norm_layers(layers)
         self._heads_arg = heads
@@ -307,10 +308,9 @@ class Capture:
         objective = objective or self.objective
         float_input = torch.is_floating_point(inputs)
         if objective is None and (self.gradients or not float_input):
-            if float_input:
-                raise ObjectiveError(
-                    "the default objective (next-token loss) needs token inputs; pass objective=fn(logits, inputs)"
-                )
+            if float_input or inputs.shape[-1] < 2:
+                raise ObjectiveError(f"the default objective (next-token loss) needs token inputs of at least 2 positions "
+                                     f"(got {'floats' if float_input else '1 position'}); pass objective=fn(logits, inputs)")
             objective = next_token_loss(attention_mask)
         self._batch = batch
         call_inputs = inputs

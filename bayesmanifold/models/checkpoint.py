@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..backends import library_versions, load_tokenizer, model_access
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TaskError
 from ..io import atomic_torch_save, atomic_write_json, ensure_dir
 from ..windtunnels.base import WindTunnel
 from ..windtunnels.registry import task_from_dict
@@ -38,11 +38,13 @@ from .presets import ModelSpec, build_model, count_params, move_model
 
 __all__ = [
     "FORMAT",
+    "METRICS",
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
     "read_train_state",
     "is_complete",
+    "refuse_unusable",
     "resolve_checkpoint",
     "shipped_dir",
     "list_shipped",
@@ -232,6 +234,47 @@ def load_state_dict(model: nn.Module, sd: Any, where: str) -> None:
     if missing or wrong:
         raise CheckpointError(f"{where} does not fit the model: missing {missing[:5]}, wrong shapes {wrong[:5]}")
     model.load_state_dict({k: sd[k].to(ref[k].dtype) for k in ref}, strict=True)
+
+
+def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool = False, text: bool = False,
+                    attention: bool = False) -> None:
+    """Before any work, refuse a checkpoint of ours that ``command`` cannot measure, with the reason.
+
+    An unfinished training run (``complete`` false: weights of an intermediate step, a resume
+    state beside them) is not measured as if it were finished; with ``exact_posterior`` a model
+    trained on a task without an exact posterior (a text corpus) is refused. Anything that is not
+    a bayesmanifold checkpoint (``toy``, a HuggingFace directory, a model name) passes unchanged:
+    the loader judges it. With ``text`` a wind-tunnel model without a tokenizer is refused (it
+    cannot read a text prompt); with ``attention`` an LSTM or MLP baseline (no attention to measure).
+
+    Raises:
+        CheckpointError: an unfinished run. TaskError: no exact posterior where one is needed.
+    """
+    try:
+        d = resolve_checkpoint(spec)
+        cfg = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    except (CheckpointError, OSError, ValueError):
+        return
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        return
+    if not cfg.get("complete"):
+        total = (cfg.get("train") or {}).get("steps")
+        state = " and a resume state (train_state.pt)" if (d / STATE).is_file() else ""
+        raise CheckpointError(
+            f"{str(spec)!r} holds an unfinished training run (weights of step {cfg.get('step')}"
+            f"{f' of {total}' if total else ''}{state}): {command} measures finished checkpoints only; finish it by "
+            f"rerunning its training command (recorded in its config.json) with --out {str(d)!r}"
+        )
+    task = (cfg.get("task") or {}).get("task")
+    if attention and cfg.get("arch") not in (None, "transformer"):
+        raise CheckpointError(f"{str(spec)!r} is a {cfg.get('arch')} baseline, not an attention model: {command} measures "
+                              "attention heads; give a transformer checkpoint (calibrate measures baselines too)")
+    if exact_posterior and task == "text":
+        raise TaskError(f"{str(spec)!r} is a text model: {command} needs a task with an exact posterior "
+                        "(bijection, hmm, recall checkpoints)")
+    if text and task != "text" and not (d / TOKENIZER / "tokenizer.json").is_file():
+        raise TaskError(f"{str(spec)!r} is a {task} wind-tunnel model with no tokenizer: {command} reads a text prompt; "
+                        "give a text model (e.g. stdlib-attn2), or call routing_map(model, token_ids) from Python")
 
 
 def load_weights(model: nn.Module, file: Path) -> None:

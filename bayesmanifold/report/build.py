@@ -226,7 +226,12 @@ def gradient_laws(target: Target, *, seed: int, quick: bool) -> Stage:
     model, tk = target.model, target.task
     if tk is not None:
         batch = tk.sample(16 if quick else 64, generator=seed + 7)
-        tokens, objective, how = batch.tokens, loss_at_positions(batch.positions.tolist()), "next-token loss at the task's scored positions"
+        n = batch.tokens.shape[1]
+        # a scored position at the sequence's end (HMM filtering scores the last observation) has no next token
+        pos = [p for p in batch.positions.tolist() if p < n - 1]
+        tokens, objective = batch.tokens, loss_at_positions(pos)
+        how = "next-token loss at the task's scored positions" + (
+            f" ({len(pos)} of {batch.positions.numel()}: the last has no next token)" if len(pos) < batch.positions.numel() else "")
     else:
         g = torch.Generator().manual_seed(seed)
         access = model_access(model)
@@ -354,6 +359,15 @@ def recorded_em_vs_sgd() -> dict[str, Any] | None:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
+def shorten(text: str, width: int) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters, with '…' where cut."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "…"
+
+
 def summary_lines(path: Path, summary: dict[str, Any]) -> list[str]:
     """The short text summary printed after a report (at most ten lines)."""
     claims = summary.get("claims", [])
@@ -362,6 +376,6 @@ def summary_lines(path: Path, summary: dict[str, Any]) -> list[str]:
     lines = [f"bayesmanifold report on {summary['target']}: {held} of {tested} checks held ({summary['wall_s']:.0f} s)"]
     for c in claims[:8]:
         mark = {True: "✓", False: "✗", None: "·"}[c["held"]]
-        lines.append(f" {mark} {c['claim'][:60]}: {c['measured'][:70]}")
+        lines.append(f" {mark} {shorten(c['claim'], 72)}: {shorten(c['measured'], 80)}")
     lines.append(f"report: {Path(path) / 'index.html'}")
     return lines[:10]

@@ -155,14 +155,23 @@ def _focusing(m: Measured, t: Mapping[str, float]) -> Verdict:
     return Verdict(bool(held), f"{100 * red:.0f}% reduction")
 
 
+def _at_step(step: Any) -> str:
+    return "not within the replayed snapshots" if step is None else f"at step {step}"
+
+
 def _two_timescales(m: Measured, t: float) -> Verdict:
     a = m["analyze"]
     f, p, ratio = a["frame_stabilization_step"], a["precision_stabilization_step"], a.get("dissociation_ratio")
     return Verdict(
         bool(ratio is not None and ratio >= t),
-        f"frame settles at step {f}, precision at {p}" + (f" (×{ratio:.1f})" if ratio else ""),
+        f"frame settles {_at_step(f)}, precision " + (_at_step(p) if p is None else f"at {p}")
+        + (f" (×{ratio:.1f})" if ratio else ""),
         a.get("dynamics_source", ""),
     )
+
+
+def _p_text(p: Any) -> str:
+    return "p = n/a (too few seeds for a t-test)" if not _is_num(p) else f"p = {p:.3g}"
 
 
 def _em_speedup(m: Measured, t: Mapping[str, float]) -> Verdict:
@@ -171,7 +180,8 @@ def _em_speedup(m: Measured, t: Mapping[str, float]) -> Verdict:
     text = "n/a" if sp is None else f"{sp:.2f}×"
     return Verdict(
         None if quick else bool(sp is not None and t["low"] <= sp <= t["high"]),
-        f"speed-up {text} ({d['steps_to_sgd_final_mean']:.0f} steps to SGD's final loss), p = {d['p_value']:.3g}"
+        f"speed-up {text} ({d['steps_to_sgd_final_mean']:.0f} steps to SGD's final loss), "
+        + _p_text(d.get("p_value"))
         + (" (quick: 2 seeds, 300 steps)" if quick else ""),
         f"target {t['paper']} ± {t['high'] - t['paper']:.1f}",
     )

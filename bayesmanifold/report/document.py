@@ -152,10 +152,26 @@ class Report:
         return out
 
 
+def check_replaceable(out: "str | os.PathLike") -> None:
+    """Raise unless ``out`` may be replaced by a report: it does not exist, is empty, or holds only
+    what a report writes (index.html, summary.json, figures). A directory with anything else in it
+    (``--out .``, a home directory, a scan) is never deleted."""
+    d = Path(out)
+    if not d.is_dir():
+        return
+    foreign = sorted(p.name for p in d.iterdir()
+                     if not (p.is_file() and (p.name in ("index.html", "summary.json") or p.suffix == ".png")))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise BayesManifoldError(f"report directory {str(out)!r} exists and holds files a report does not write ({shown}); "
+                                 "it is replaced as a whole, so give a new directory or an earlier report's")
+
+
 @contextmanager
 def _replaced_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out`` (an older one is
     removed only after the swap), on any error or interrupt it is removed and ``out`` is untouched."""
+    check_replaceable(out)
     parent = ensure_dir(out.parent if str(out.parent) else ".")
     if out.exists() and not out.is_dir():
         raise BayesManifoldError(f"report path {str(out)!r} exists and is not a directory")

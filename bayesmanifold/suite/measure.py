@@ -286,7 +286,9 @@ def _prompts_suite(model: ModelLike, config: SuiteConfig, layers: list[int]) -> 
         "value_pc12": float(p3.pc12[i]),
         "participation_ratio": float(p3.participation_ratio[i]),
         "spearman_pc1_entropy": float(p3.spearman_pc1_entropy[i]),
-        "manifold_features": f"standardised concatenated values (hook_v) at the final token, layer {p3.best_layer} (largest PC1+PC2)",
+        "manifold_features": f"standardised concatenated values (hook_v) at the final token, layer {p3.best_layer} (largest PC1+PC2"
+        + (f"; {p3.value_manifold_untested})" if p3.value_manifold_untested else " among full-rank layers)"),
+        "value_manifold_untested": p3.value_manifold_untested,
         "attention_entropy": p3.attention_entropy.tolist(),
         "attention_entropy_reduction": p3.attention_entropy_reduction,
         "paper3": p3.summary(),

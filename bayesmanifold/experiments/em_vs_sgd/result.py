@@ -234,7 +234,7 @@ class EMvsSGDResult:
         ln2 = math.log(2.0)
         steps = self.config.steps
         lines = [
-            f"EM-like vs SGD on the sticky chain ({len(self.config.seeds)} seeds, {steps} steps); "
+            f"EM-like vs SGD on the sticky chain ({plural(len(self.config.seeds), 'seed')}, {plural(steps, 'step')}); "
             f"H_min = {self.h_min_nats:.4f} nats = {self.h_min_bits:.3f} bits",
             f"{'method':<14} {'final loss (nats)':>19} {'entropy nats/bits':>19} {'accuracy':>9} "
             f"{'steps to SGD final':>19} {'speed-up':>8} {'held-out loss':>16}",
@@ -254,7 +254,7 @@ class EMvsSGDResult:
         lines.append(
             f"EM-like reaches the mean final SGD loss ({self.sgd.summary()['final_loss_mean']:.4f}) at "
             f"{np.mean(self.steps_to_sgd_final):.0f} ± {np.std(self.steps_to_sgd_final):.0f} steps: "
-            f"speed-up {self.speedup:.2f}×; paired t-test p = {self.p_value:.4g}"
+            f"speed-up {self.speedup:.2f}×; " + p_value_text(self.p_value, len(self.config.seeds), "{:.4g}")
         )
         if self.adam_lr is not None:
             grid = ", ".join(f"{k:g}: {v:.4f}" for k, v in self.adam_grid.items())
@@ -327,3 +327,15 @@ def method_result(
         test_entropy=test[1][idx],
     )
 
+
+
+def plural(n: int, word: str) -> str:
+    """``1 seed``, ``2 seeds``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def p_value_text(p: float | None, n_seeds: int, fmt: str = "{:.3g}") -> str:
+    """``paired t-test p = …``, or why there is none (a t-test over one seed has no variance)."""
+    if p is None or p != p:
+        return f"paired t-test: no p-value ({plural(n_seeds, 'seed')}: a t-test needs at least 2 with varying differences)"
+    return "paired t-test p = " + fmt.format(p)
