@@ -227,10 +227,10 @@ def gguf_to_hf_directory(path: str | os.PathLike) -> Path:
         raise ModelError(f"transformers could not load {str(p)!r}: {type(exc).__name__}: {first_line(exc)}") from None
     # save_pretrained refuses a model that carries GGUF quantizer marks; the weights are plain floats now
     hf.hf_quantizer = None
-    hf.config.quantization_config = None
-    if hasattr(hf.config, "to_dict") and "quantization_config" in hf.config.to_dict():
-        with contextlib.suppress(AttributeError):
-            del hf.config.quantization_config
+    with contextlib.suppress(AttributeError):  # transformers 4.x: the attribute goes; 5.x: it may be a default
+        del hf.config.quantization_config
+    if getattr(hf.config, "quantization_config", None) is not None:
+        hf.config.quantization_config = None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
