@@ -49,7 +49,7 @@ def test_it_is_the_real_model(smollm2):
     with torch.no_grad():
         logits = smollm2(toks)
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], toks[0, 1:])
-    assert float(loss) < 2.5  # a random model of this vocabulary sits near ln(49152) = 10.8
+    assert float(loss) < 3.5  # a random model of this vocabulary sits near ln(49152) = 10.8 (measured: 2.3-2.5)
 
 
 def test_routing_law_on_real_text(smollm2):
