@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 from browser import dump_dom, png_colour_stats, require_chromium, screenshot
 
@@ -26,8 +27,11 @@ def test_map_writes_page_and_json(toy_map, capsys):
     assert d["prompt"] == PROMPT and d["token_ids"] == list(PROMPT.encode()) and len(d["tokens"]) == len(PROMPT)
     assert [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
     for h in d["heads"]:
-        assert {"pattern", "advantage", "force", "push", "value_update"} <= set(h)
+        assert {"total_abs_force", "induction", "push", "value_update", "compat_mean"} <= set(h) and h["kept"]
         assert h["law_residual"] < 1e-10  # float64: the force is autograd's −∂L/∂s
+    assert d["matrices"] == "map.npz" and d["kept"] == ["0.1", "1.0", "1.1", "1.2", "1.3"]
+    with np.load(toy_map / "map.npz") as z:
+        assert z["pattern"].shape == (5, len(PROMPT), len(PROMPT)) and z["pattern"].dtype == np.float16
     page = (toy_map / "map.html").read_text()
     assert not re.search(r"https?://|//cdn|\bsrc\s*=|<link\b|@import", page, re.I)
 
@@ -69,12 +73,17 @@ def test_map_errors_are_one_line_and_come_first(tmp_path, capsys):
         (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(tmp_path / "no" / "m.json")], "--json"),
         (["map", "toy", "--prompt-file", str(tmp_path / "missing.txt"), "--out", out], "does not exist"),
         (["map", "toy", "--prompt", "abc", "--objective", "pos:5", "--out", out], "positions"),
+        (["map", "toy", "--prompt", "abc", "--top", "0", "--out", out], "--top"),
+        (["map", "toy", "--prompt", "abc", "--top", "-2", "--out", out], "--top"),
+        (["map", "toy", "--prompt", "abc", "--top", "many", "--out", out], "--top"),
+        (["map", "toy", "--prompt", "abc", "--by", "size", "--out", out], "--by"),
+        (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(tmp_path / "m.npz")], ".npz"),
     ]
     for argv, match in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("bayesmanifold map: error:") and match in err, (argv, err)
-    assert not (tmp_path / "m.html").exists()
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
 
 
 def test_map_page_draws_in_chromium(toy_map, tmp_path):
