@@ -68,7 +68,7 @@ const dataEl=document.getElementById('data'),D=JSON.parse(dataEl.textContent);
 dataEl.textContent=''; // parsed once: drop the page's largest text node (memory; a DOM dump stays small)
 const M=D.meta,R=D.rows,MATS=D.mats,n=M.n,tok=M.tokens;
 const name=r=>`${r.layer}.${r.head}`;
-let cur=null,sortKey=M.by||'total_abs_force',sortDesc=true,shadeKey=M.shade,cache={},want=0;
+let cur=null,sortKey=M.shade,sortDesc=true,shadeKey=M.shade,cache={},want=0;
 const fmt=x=>x===null||x===undefined?'—':(Math.abs(x)>=1e-3&&Math.abs(x)<1e4?(+x).toFixed(4):(+x).toExponential(3));
 const kept=R.filter(r=>r.kept).length;
 document.getElementById('sub').textContent=`${n} tokens · objective: ${M.objective}`+(M.loss===null?'':` · loss ${(+M.loss).toFixed(4)}`)+` · ${R.length} heads measured, matrices of ${kept}`;
@@ -108,7 +108,7 @@ function shade(){shadeKey=shadeSel.value;const vals=R.map(r=>r[shadeKey]).filter
   const lo=Math.min(...vals),hi=Math.max(...vals);
   for(const r of R){const d=cells[name(r)],v=r[shadeKey];const t=v===null||hi===lo?null:(v-lo)/(hi-lo);const c=seq(t,false);
     d.style.background=`rgb(${c})`;d.style.color=c[0]<140?'#fff':'#000';d.title=`L${r.layer}H${r.head} ${M.shades[shadeKey]} ${fmt(v)}`+(r.kept?'':' (summaries only)');}}
-shadeSel.onchange=shade;
+shadeSel.onchange=()=>{shade();sortKey=shadeKey;sortDesc=true;table();}; // the table follows the shade
 // table
 const cols=[['name','head'],...Object.entries(M.shades)];
 document.getElementById('thr').innerHTML=cols.map(([k,l])=>`<th data-k="${k}">${l}</th>`).join('');
