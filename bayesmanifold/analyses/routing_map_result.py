@@ -151,7 +151,7 @@ class RoutingMap:
         if what not in ("force", "advantage", "pattern"):
             raise InputError(f"what={what!r}; accepted: force, advantage, pattern")
         if layer is None or head is None:
-            k = int(np.argmax([_rank_value(s, "total_abs_force") for s in self.summaries if s["kept"]]))
+            k = int(np.argmax([rank_value(s, "total_abs_force") for s in self.summaries if s["kept"]]))
         else:
             k = self.index(layer, head)
         if ax is None:
@@ -203,7 +203,7 @@ def _round(a: np.ndarray, digits: int = 6) -> list:
     return [None if not np.isfinite(x) else float(f"{x:.{digits}g}") for x in np.asarray(a, dtype=np.float64)]
 
 
-def _rank_value(row: dict[str, Any], by: str) -> float:
+def rank_value(row: dict[str, Any], by: str) -> float:
     v = row.get(by)
     return -np.inf if v is None or not np.isfinite(v) else float(v)
 

@@ -36,7 +36,7 @@ from ..errors import InputError, SelectionError
 from ..hooks import capture
 from ..hooks.bundle import LayerBundle
 from ..hooks.objectives import loss_at_positions, next_token_loss
-from .routing_map_result import RANKABLE, SUMMARIES, RoutingMap, _rank_value, load_npz_matrices
+from .routing_map_result import RANKABLE, SUMMARIES, RoutingMap, load_npz_matrices, rank_value
 from .stats import entropy
 
 __all__ = [
@@ -244,7 +244,7 @@ class RoutingMapAccumulator:
 
     def ranked(self) -> list[tuple[int, int]]:
         """Measured heads, largest ``by`` first (NaN last; ties by layer, head)."""
-        return sorted(self.rows, key=lambda h: (-_rank_value(self.rows[h], self.by), h))
+        return sorted(self.rows, key=lambda h: (-rank_value(self.rows[h], self.by), h))
 
     def _prune(self) -> None:
         if self.top is not None and len(self.mats) > self.top:

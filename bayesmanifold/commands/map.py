@@ -12,6 +12,7 @@ NAME = "map"
 HELP = "per head and token: attention α, advantage A = b̄ − b and routing force αA of a prompt, as an HTML page"
 EXAMPLE = "bayesmanifold map smollm2-135m --prompt-file prompt.txt --top 40 --out map.html --json map.json"
 
+# the library's RANKABLE and the page's shades, written out so that --help imports no torch
 _RANKABLE = ("total_abs_force", "mass_positive", "max_abs_push", "max_value_update", "induction", "previous_token")
 _SHADES = (*_RANKABLE, "entropy", "law_residual")
 
@@ -74,6 +75,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analyses.routing_map_result import rank_value
     from ..analyses.routing_maps import routing_map
 
     check_writable(args.out, "--out")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         m.save_npz(npz_path(args.json))
         write_json(args.json, {**m.to_dict(), "matrices": Path(npz_path(args.json)).name})
-    rows = sorted(m.summaries, key=lambda r: (-(r[args.by] if r[args.by] == r[args.by] else -1e300), r["layer"], r["head"]))
+    rows = sorted(m.summaries, key=lambda r: (-rank_value(r, args.by), r["layer"], r["head"]))
     for r in rows:
         r["name"] = f"{r['layer']}.{r['head']}"
     print(f"{args.model}: {len(m.token_ids)} tokens, objective {m.objective}, loss {m.loss:.4f}, "

@@ -213,7 +213,7 @@ def test_induction_and_previous_token_summaries_against_a_loop(gen):
     tgt = induction_targets(tokens, min_match=2)[0]
     q = [i for i in range(tokens.shape[1]) if tgt[i] >= 0]
     assert len(q) >= 7
-    for k, r in enumerate(m.summaries):
+    for r in m.summaries:
         a = m.pattern[m.index(r["layer"], r["head"])]
         assert r["induction"] == pytest.approx(np.mean([a[i, tgt[i]] for i in q]), abs=1e-12)
         assert r["previous_token"] == pytest.approx(np.mean([a[i, i - 1] for i in range(1, len(a))]), abs=1e-12)
