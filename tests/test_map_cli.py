@@ -181,3 +181,44 @@ def test_smollm2_map_draws_in_chromium_within_5_s(smollm2_map, tmp_path):
     # from navigation start to the drawn map (parse, JSON, inflate the head, draw); the process
     # wall time adds the browser's own start
     assert draw_ms <= 5000, (draw_ms, wall)
+
+
+def test_map_notes_a_large_page_before_the_pass(tmp_path, capsys, monkeypatch):
+    from bayesmanifold.analyses import routing_maps
+
+    monkeypatch.setattr(routing_maps, "PAGE_BYTES_PER_ENTRY", 1e6)
+    assert main(["map", "toy", "--prompt", "abcdef", "--top", "2", "--out", str(tmp_path / "m.html")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 heads × 6 tokens: the page will take about 72 MB; --top K" in err
+
+
+def test_page_loads_a_head_when_picked_and_shades_by_a_chosen_summary(tmp_path):
+    """--top 2: a click on the other kept head's grid cell inflates and draws it; a click on a head
+    without matrices says so; the shade menu re-shades the grid and re-sorts the table."""
+    require_chromium()
+    assert main(["map", "toy", "--prompt", PROMPT, "--top", "2", "--out", str(tmp_path / "m.html"),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    d = json.loads((tmp_path / "m.json").read_text())
+    ranked = sorted(d["heads"], key=lambda h: -h["total_abs_force"])
+    first, second, other = (f"{h['layer']}.{h['head']}" for h in ranked[:3])
+    assert d["kept"] == sorted([first, second], key=lambda s: tuple(map(int, s.split("."))))
+    by_prev = max(d["heads"], key=lambda h: h["previous_token"])
+    probe = tmp_path / "probe.html"
+
+    def cell(name):
+        layer, head = name.split(".")
+        return f"[...document.querySelectorAll('#grid div')].find(x=>x.title.startsWith('L{layer}H{head} '))"
+
+    probe.write_text((tmp_path / "m.html").read_text().replace("</body>", f"""<script>
+window.addEventListener('load',()=>setTimeout(()=>{{const B=document.body.dataset;B.before=B.drawn;{cell(second)}.click();
+setTimeout(()=>{{B.after=B.drawn;{cell(other)}.click();
+setTimeout(()=>{{B.still=B.drawn;B.msg=document.getElementById('msg').textContent;
+B.nomat=document.querySelectorAll('#grid div.nomat').length;const s=document.getElementById('shade');s.value='previous_token';
+s.dispatchEvent(new Event('change'));B.firstrow=document.querySelector('#tab tbody tr').dataset.k;}},300);}},300);}},300));
+</script></body>"""), encoding="utf-8")
+    dom = dump_dom(probe, tmp_path / "profile")
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    got = dict(re.findall(r'data-([a-z]+)="([^"]*)"', body))
+    assert (got["before"], got["after"], got["still"]) == (first, second, second), got
+    assert got["msg"].startswith(f"head {other}: summaries only") and got["nomat"] == "6", got
+    assert got["firstrow"] == f"{by_prev['layer']}.{by_prev['head']}", got

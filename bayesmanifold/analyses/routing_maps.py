@@ -52,6 +52,8 @@ __all__ = [
     "SUMMARIES",
     "PRECISIONS",
     "check_map_options",
+    "map_footprint",
+    "MAX_MATRIX_BYTES",
     "load_npz_matrices",
 ]
 
@@ -151,6 +153,24 @@ def resolve_objective(objective: Any, n_tokens: int) -> tuple[Callable[[Tensor, 
 # ------------------------------------------------------------------------------------ accumulator
 #: dtypes a map may keep its matrices in (float64 for exact comparisons; float32 by default)
 PRECISIONS = ("float32", "float64")
+
+
+#: the kept matrices (α, A and the force of each kept head) may take at most this much memory;
+#: a larger map is refused before the pass, naming the ``top`` that fits
+MAX_MATRIX_BYTES = 4 * 2**30
+#: bytes of the page per (head, query, key) entry, measured (SmolLM2-135M, 256 tokens, all 270
+#: heads: 21.8 MB); sharp heads compress better, diffuse ones worse
+PAGE_BYTES_PER_ENTRY = 1.25
+
+
+def map_footprint(n_tokens: int, n_heads: int, top: int | None = None, precision: str = "float32") -> dict[str, int]:
+    """What a map of ``n_heads`` heads on ``n_tokens`` tokens keeps: ``kept`` heads with matrices,
+    ``matrix_bytes`` (α, A, force in ``precision``), an estimate of the page's size ``page_bytes``,
+    and ``max_top``, the largest ``top`` within :data:`MAX_MATRIX_BYTES`."""
+    kept = min(top or n_heads, n_heads)
+    per_head = 3 * n_tokens * n_tokens * np.dtype(precision).itemsize
+    return {"kept": kept, "matrix_bytes": kept * per_head, "page_bytes": int(kept * n_tokens**2 * PAGE_BYTES_PER_ENTRY),
+            "max_top": int(MAX_MATRIX_BYTES // per_head)}
 
 
 def check_map_options(top: Any = None, by: str = "total_abs_force", precision: str = "float32") -> None:
@@ -316,7 +336,8 @@ def routing_map(
 
     Raises:
         InputError / SelectionError: before any pass, for an empty or too long prompt, heads out
-            of range, an unknown objective, or a bad ``top``, ``by`` or ``precision``.
+            of range, an unknown objective, a bad ``top``, ``by`` or ``precision``, or kept
+            matrices that would exceed :data:`MAX_MATRIX_BYTES` (the message names the ``top`` that fits).
 
     Example:
         >>> m = routing_map(model, "def f(x): return f(x)", heads="1.0,1.1")  # doctest: +SKIP
@@ -326,6 +347,11 @@ def routing_map(
     sel = parse_heads(heads, model)
     tokens = prompt_tokens(model, prompt)
     fn, name = resolve_objective(objective, int(tokens.shape[1]))
+    fp = map_footprint(int(tokens.shape[1]), sum(len(h) for h in sel.values()), top, precision)
+    if fp["matrix_bytes"] > MAX_MATRIX_BYTES:
+        raise InputError(f"{fp['kept']} heads' matrices on {tokens.shape[1]} tokens would take {fp['matrix_bytes'] / 2**30:.1f} GiB "
+                         f"(limit {MAX_MATRIX_BYTES / 2**30:.0f} GiB); keep fewer with top=K (--top K), K <= {fp['max_top']}, "
+                         "or shorten the prompt")
     acc = RoutingMapAccumulator(top=top, by=by, precision=precision)
     with capture(model, accumulators=[acc], layers=list(sel), heads=sel, objective=fn) as cap:
         loss = cap.run(tokens)

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..errors import InputError
@@ -75,8 +76,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..analyses import routing_maps as rm
     from ..analyses.routing_map_result import rank_value
-    from ..analyses.routing_maps import routing_map
 
     check_writable(args.out, "--out")
     if args.json:
@@ -84,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
         check_writable(npz_path(args.json), "--json's .npz")
     prompt = read_prompt(args)
     model = open_model_from(args).model
-    m = routing_map(model, prompt, heads=args.heads, objective=args.objective, top=args.top, by=args.by)
+    n_tokens = int(rm.prompt_tokens(model, prompt).shape[1])
+    n_heads = sum(len(h) for h in rm.parse_heads(args.heads, model).values())
+    fp = rm.map_footprint(n_tokens, n_heads, args.top)
+    if fp["page_bytes"] > 25e6 and fp["matrix_bytes"] <= rm.MAX_MATRIX_BYTES:
+        print(f"bayesmanifold map: note: {fp['kept']} heads × {n_tokens} tokens: the page will take about "
+              f"{fp['page_bytes'] / 1e6:.0f} MB; --top K keeps fewer heads' matrices", file=sys.stderr)
+    m = rm.routing_map(model, prompt, heads=args.heads, objective=args.objective, top=args.top, by=args.by)
     title = args.title or f"Routing map: {args.model}, {len(m.token_ids)} tokens"
     atomic_write_text(args.out, m.to_html(title=title, shade=args.shade))
     if args.json:

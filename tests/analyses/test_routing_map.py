@@ -242,3 +242,18 @@ def test_npz_holds_the_matrices_in_float16(gen, tmp_path):
         np.testing.assert_allclose(z["advantage"][k][valid[k]], m.advantage[k][valid[k]], rtol=1e-3, atol=1e-4 * amax)
         np.testing.assert_allclose(z["force"][k][valid[k]], m.force[k][valid[k]], rtol=2e-3, atol=1e-4 * fmax)
     assert not list(tmp_path.glob(".*tmp"))  # written under a temporary name, then renamed
+
+
+def test_a_map_too_large_for_memory_is_refused_before_the_pass(monkeypatch):
+    from bayesmanifold.analyses import routing_maps
+
+    model = toy_model()
+    monkeypatch.setattr(routing_maps, "MAX_MATRIX_BYTES", 3 * 4 * 20 * 20 * 3)  # three heads of 20 tokens
+    calls, handle = _forward_counter(model)
+    try:
+        with pytest.raises(InputError, match=r"top=K \(--top K\), K <= 3"):
+            routing_map(model, "x" * 20)
+        assert calls == []
+        assert len(routing_map(model, "x" * 20, top=3).heads) == 3
+    finally:
+        handle.remove()
