@@ -146,8 +146,10 @@ cv.addEventListener('mousemove',e=>{const h=cache[cur];const r=cv.getBoundingCli
   tip.style.display='block';tip.style.left=(e.clientX+14)+'px';tip.style.top=(e.clientY+14)+'px';});
 cv.addEventListener('mouseleave',()=>{tip.style.display='none';});
 shade();table();
-// map.html#L.H, #L.H/pattern or #L.H/force/sqrt picks a head (what to show, the √ scale); default: the kept head with the largest total |force|
-let best=null;for(const r of R)if(r.kept&&(best===null||r.total_abs_force>R[byName[best]].total_abs_force))best=name(r);
+// map.html#L.H, #L.H/pattern or #L.H/force/sqrt picks a head (what to show, the √ scale); default: the kept head
+// with the largest summary the heads were kept by (total |force| unless --by says otherwise)
+const rank=r=>r[M.by||'total_abs_force']??-Infinity;
+let best=null;for(const r of R)if(r.kept&&(best===null||rank(r)>rank(R[byName[best]])))best=name(r);
 const m=/^#(\d+\.\d+)(?:\/(\w+))?(\/sqrt)?$/.exec(location.hash);
 if(m){if(MATS[m[1]])best=m[1];if(m[2]&&[...modeSel.options].some(o=>o.value===m[2]))modeSel.value=m[2];if(m[3])sqBox.checked=true;}
 if(best!==null)pick(best);
