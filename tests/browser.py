@@ -13,7 +13,8 @@ import pytest
 __all__ = ["find_chromium", "require_chromium", "dump_dom", "screenshot", "png_colour_stats"]
 
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-          "--disable-extensions", "--disable-background-networking", "--hide-scrollbars"]
+          "--disable-extensions", "--disable-background-networking", "--hide-scrollbars", "--disable-quic",
+          "--disable-component-update", "--disable-sync"]
 
 
 def find_chromium() -> str | None:

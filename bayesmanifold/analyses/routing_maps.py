@@ -14,13 +14,17 @@ size** is ‖Σ_i α_ij u_i‖ = ‖∂L/∂v_j‖ of this query head (exact per
 sums its heads' contributions).
 
 Everything comes from ONE capture pass (forward + backward): α from the pattern, b from autograd's
-∂L/∂α, u from ∂L/∂z. :func:`routing_map` runs it on a prompt; :class:`RoutingMap` holds the
-matrices per head with per-head summaries (total |force|, attention mass on keys with A > 0, mean
-attention entropy) and renders them (``plot``, ``to_html`` via :mod:`bayesmanifold.maps`).
+∂L/∂α, u from ∂L/∂z. :func:`routing_map` runs it on a prompt; :class:`RoutingMap`
+(:mod:`.routing_map_result`) holds per-head summaries for every measured head (total |force|,
+attention mass on keys with A > 0, mean attention entropy, induction and previous-token scores)
+and the matrices of the heads it keeps (all, or the ``top`` K by a summary, in float32), and
+writes them (``to_dict``, ``save_npz``, ``plot``, ``to_html`` via :mod:`bayesmanifold.maps`).
+The accumulator drops a head's matrices as soon as it falls out of the top K, so a map of every
+head of a real model holds each head's N² matrices once, in float32, and nothing else of size N².
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,7 @@ from ..errors import InputError, SelectionError
 from ..hooks import capture
 from ..hooks.bundle import LayerBundle
 from ..hooks.objectives import loss_at_positions, next_token_loss
+from .routing_map_result import RANKABLE, SUMMARIES, RoutingMap, load_npz_matrices, rank_value
 from .stats import entropy
 
 __all__ = [
@@ -43,6 +48,13 @@ __all__ = [
     "parse_heads",
     "resolve_objective",
     "OBJECTIVES",
+    "RANKABLE",
+    "SUMMARIES",
+    "PRECISIONS",
+    "check_map_options",
+    "map_footprint",
+    "MAX_MATRIX_BYTES",
+    "load_npz_matrices",
 ]
 
 #: objectives by name: the mean next-token loss over the prompt (default), the loss of the last
@@ -139,205 +151,163 @@ def resolve_objective(objective: Any, n_tokens: int) -> tuple[Callable[[Tensor, 
 
 
 # ------------------------------------------------------------------------------------ accumulator
+#: dtypes a map may keep its matrices in (float64 for exact comparisons; float32 by default)
+PRECISIONS = ("float32", "float64")
+
+
+#: the kept matrices (α, A and the force of each kept head) may take at most this much memory;
+#: a larger map is refused before the pass, naming the ``top`` that fits
+MAX_MATRIX_BYTES = 4 * 2**30
+#: bytes of the page per (head, query, key) entry, measured (SmolLM2-135M, 256 tokens, all 270
+#: heads: 21.8 MB); sharp heads compress better, diffuse ones worse
+PAGE_BYTES_PER_ENTRY = 1.25
+
+
+def map_footprint(n_tokens: int, n_heads: int, top: int | None = None, precision: str = "float32") -> dict[str, int]:
+    """What a map of ``n_heads`` heads on ``n_tokens`` tokens keeps: ``kept`` heads with matrices,
+    ``matrix_bytes`` (α, A, force in ``precision``), an estimate of the page's size ``page_bytes``,
+    and ``max_top``, the largest ``top`` within :data:`MAX_MATRIX_BYTES`."""
+    kept = min(top or n_heads, n_heads)
+    per_head = 3 * n_tokens * n_tokens * np.dtype(precision).itemsize
+    return {"kept": kept, "matrix_bytes": kept * per_head, "page_bytes": int(kept * n_tokens**2 * PAGE_BYTES_PER_ENTRY),
+            "max_top": int(MAX_MATRIX_BYTES // per_head)}
+
+
+def check_map_options(top: Any = None, by: str = "total_abs_force", precision: str = "float32") -> None:
+    """Raise InputError for a bad ``top`` (a positive integer or None), ``by`` or ``precision``."""
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1):
+        raise InputError(f"top must be a positive integer (the number of heads whose matrices are kept), got {top!r}")
+    if by not in RANKABLE:
+        raise InputError(f"unknown summary {by!r} to rank heads by; accepted: {', '.join(RANKABLE)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+
+
 class RoutingMapAccumulator:
-    """Capture accumulator: per selected head of one prompt (batch of 1), the float64 matrices
-    α, b, A, force, the row means b̄, the per-key push and value-update size, and the routing-law
-    residual max|α A + ∂L/∂s| (0 up to rounding: the map is autograd's own gradient)."""
+    """Capture accumulator over one prompt (batch of 1): per measured head the summaries (all in
+    float64, including the routing-law residual max|α A + ∂L/∂s|, 0 up to rounding since the map is
+    autograd's own gradient) and, for the ``top`` heads by ``by`` (all when None), the matrices α,
+    A, force in ``precision`` with b̄, push and value-update size. Heads that fall out of the top
+    are dropped as layers arrive, so memory holds at most ``top`` heads' matrices plus one layer."""
 
     needs_gradients = True
 
-    def __init__(self) -> None:
-        self.layers: dict[int, dict[str, Any]] = {}
+    def __init__(self, *, top: int | None = None, by: str = "total_abs_force", precision: str = "float32") -> None:
+        check_map_options(top, by, precision)
+        self.top, self.by, self.dtype = top, by, np.dtype(precision)
+        self.rows: dict[tuple[int, int], dict[str, Any]] = {}
+        self.mats: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.token_ids: list[int] | None = None
+        self.query_valid: np.ndarray | None = None
+        self.n_heads = 0
 
     def update(self, b: LayerBundle) -> None:
         if b.pattern.shape[0] != 1:
             raise InputError(f"a routing map is per prompt: got a batch of {b.pattern.shape[0]} sequences")
         if b.grad_pattern is None or b.grad_z is None or b.grad_scores is None:
             raise InputError("a routing map needs the backward pass (capture with gradients)")
+        if b.batch is not None and self.token_ids is None:
+            self.token_ids = [int(t) for t in b.batch.tokens[0].tolist()]
         valid = b.valid[0].cpu()
-        a = b.pattern[0].detach().cpu().double()
+        qv = b.query_valid[0].cpu()
+        a = b.pattern[0].detach().cpu().double()  # [head, query, key]
         gp = b.grad_pattern[0].detach().cpu().double().masked_fill(~valid, 0.0)
         bbar = (a * gp).sum(-1)
         adv = (bbar[..., None] - gp).masked_fill(~valid, 0.0)
+        del gp
         force = a * adv
         gs = b.grad_scores[0].detach().cpu().double().masked_fill(~valid, 0.0)
-        u = b.grad_z[0].detach().cpu().double()  # [query, head, d_head]
-        vu = torch.einsum("hqk,qhd->hkd", a, u).norm(dim=-1)
         scale = gs.abs().amax(dim=(-2, -1)).clamp_min(1e-300)
-        nan = torch.tensor(float("nan"), dtype=torch.float64)
-        self.layers[b.layer] = {
-            "heads": list(b.heads),
-            "pattern": a.numpy(),
-            "compat": torch.where(valid, gp, nan).numpy(),
-            "compat_mean": bbar.numpy(),
-            "advantage": torch.where(valid, adv, nan).numpy(),
-            "force": torch.where(valid, force, nan).numpy(),
-            "push": force.sum(-2).numpy(),
-            "value_update": vu.numpy(),
-            "law_residual": ((force + gs).abs().amax(dim=(-2, -1)) / scale).numpy(),
-            "query_valid": b.query_valid[0].cpu().numpy(),
-        }
-        if b.batch is not None and self.token_ids is None:
-            self.token_ids = [int(t) for t in b.batch.tokens[0].tolist()]
+        resid = ((force + gs).abs().amax(dim=(-2, -1)) / scale).numpy()
+        del gs
+        u = b.grad_z[0].detach().cpu().double()  # [query, head, d_head]
+        vu = torch.einsum("hqk,qhd->hkd", a, u).norm(dim=-1).numpy()
+        push = force.sum(-2).numpy()
+        aq = a[:, qv]
+        pos_mass = torch.where(adv[:, qv] > 0, aq, 0.0).sum(-1).mean(-1).numpy()
+        ent = entropy(aq).mean(-1).numpy()
+        n = a.shape[-1]
+        prev = torch.diagonal(a, offset=-1, dim1=-2, dim2=-1)[:, qv[1:]].mean(-1).numpy() if n > 1 else np.full(len(b.heads), np.nan)
+        ind = self._induction(a, qv)
+        total = force.abs().sum((-2, -1)).numpy()
+        nan = float("nan")
+        self.query_valid = qv.numpy()
+        self.n_heads = max(self.n_heads, b.n_heads or len(b.heads))
+        for k, h in enumerate(b.heads):
+            top = int(np.argmax(np.abs(push[k])))
+            self.rows[(b.layer, h)] = {
+                "layer": b.layer, "head": h, "total_abs_force": float(total[k]), "mass_positive": float(pos_mass[k]),
+                "entropy": float(ent[k]), "max_abs_push": float(abs(push[k][top])), "top_push_key": top,
+                "max_value_update": float(vu[k].max()), "induction": float(ind[k]) if ind is not None else nan,
+                "previous_token": float(prev[k]), "law_residual": float(resid[k]),
+            }
+            self.mats[(b.layer, h)] = {
+                "pattern": a[k].numpy().astype(self.dtype),
+                "advantage": torch.where(valid, adv[k], nan).numpy().astype(self.dtype),
+                "force": torch.where(valid, force[k], nan).numpy().astype(self.dtype),
+                "compat_mean": bbar[k].numpy().copy(), "push": push[k].copy(), "value_update": vu[k].copy(),
+            }
+        self._prune()
+
+    def _induction(self, a: Tensor, qv: Tensor) -> np.ndarray | None:
+        """Mean α from each query whose last two tokens occurred earlier to the key after that
+        occurrence (:func:`~bayesmanifold.analyses.induction.induction_targets`); None without targets."""
+        from .induction import induction_targets
+
+        if self.token_ids is None:
+            return None
+        tgt = induction_targets(torch.tensor(self.token_ids), min_match=2)[0]
+        q = torch.nonzero((tgt >= 0) & qv).flatten()
+        if len(q) == 0:
+            return None
+        return a[:, q, tgt[q]].mean(-1).numpy()
+
+    def ranked(self) -> list[tuple[int, int]]:
+        """Measured heads, largest ``by`` first (NaN last; ties by layer, head)."""
+        return sorted(self.rows, key=lambda h: (-rank_value(self.rows[h], self.by), h))
+
+    def _prune(self) -> None:
+        if self.top is not None and len(self.mats) > self.top:
+            keep = [h for h in self.ranked() if h in self.mats][: self.top]
+            for h in set(self.mats) - set(keep):
+                del self.mats[h]
 
     def merge(self, other: "RoutingMapAccumulator") -> "RoutingMapAccumulator":
-        """Join the layers of another pass over the same prompt (layers must not overlap)."""
-        overlap = set(self.layers) & set(other.layers)
+        """Join the layers of another pass over the same prompt (heads must not overlap)."""
+        overlap = set(self.rows) & set(other.rows)
         if overlap:
-            raise InputError(f"cannot merge routing maps that both hold layers {sorted(overlap)}")
+            raise InputError(f"cannot merge routing maps that both hold heads {', '.join(f'{a}.{b}' for a, b in sorted(overlap))}")
         if self.token_ids is not None and other.token_ids is not None and self.token_ids != other.token_ids:
             raise InputError("cannot merge routing maps of different prompts")
-        self.layers.update(other.layers)
+        self.rows.update(other.rows)
+        self.mats.update(other.mats)
         self.token_ids = self.token_ids or other.token_ids
+        self.query_valid = self.query_valid if self.query_valid is not None else other.query_valid
+        self.n_heads = max(self.n_heads, other.n_heads)
+        self._prune()
         return self
 
-    def finalize(self) -> "RoutingMap":
-        if not self.layers:
+    def finalize(self) -> RoutingMap:
+        if not self.rows:
             raise InputError("the routing map saw no layer: run a capture pass first")
-        heads, parts = [], {k: [] for k in _ARRAYS}
-        for layer in sorted(self.layers):
-            d = self.layers[layer]
-            heads += [(layer, h) for h in d["heads"]]
-            for k in _ARRAYS:
-                parts[k].append(d[k])
-        arrays = {k: np.concatenate(v) for k, v in parts.items()}
-        qv = next(iter(self.layers.values()))["query_valid"]
-        ids = self.token_ids or list(range(arrays["pattern"].shape[-1]))
-        return RoutingMap(prompt=None, token_ids=ids, tokens=[str(i) for i in ids], heads=heads,
-                          loss=float("nan"), objective="next-token", query_valid=qv, **arrays)
+        heads = sorted(self.mats)
+        n = len(self.query_valid) if self.query_valid is not None else 0
 
+        def stack(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            if not heads:
+                return np.zeros((0, *shape), dtype=dtype)
+            return np.stack([self.mats[h][name] for h in heads])
 
-_ARRAYS = ("pattern", "compat", "compat_mean", "advantage", "force", "push", "value_update", "law_residual")
-
-
-# ------------------------------------------------------------------------------------ result
-def _lists(a: np.ndarray) -> Any:
-    """Nested lists with NaN (masked entries) as None (JSON null)."""
-    return np.where(np.isfinite(a), a, None).tolist() if a.dtype.kind == "f" else a.tolist()
-
-
-@dataclass(frozen=True, eq=False)
-class RoutingMap:
-    """The routing map of one prompt: arrays indexed [head, query, key] / [head, key] / [head].
-
-    ``heads[k] = (layer, head)`` names row k. ``pattern`` α (0 on masked entries); ``compat`` b;
-    ``compat_mean`` b̄ [head, query]; ``advantage`` A = b̄ − b; ``force`` −∂L/∂s = α A (b, A and
-    force are NaN on masked entries); ``push`` Σ_i force_ij per key; ``value_update`` ‖Σ_i α_ij u_i‖
-    per key; ``law_residual`` max|force + ∂L/∂s| / max|∂L/∂s| per head (the autograd check).
-    """
-
-    prompt: str | None
-    token_ids: list[int]
-    tokens: list[str]
-    heads: list[tuple[int, int]]
-    pattern: np.ndarray
-    compat: np.ndarray
-    compat_mean: np.ndarray
-    advantage: np.ndarray
-    force: np.ndarray
-    push: np.ndarray
-    value_update: np.ndarray
-    law_residual: np.ndarray
-    query_valid: np.ndarray
-    loss: float
-    objective: str
-
-    def index(self, layer: int, head: int) -> int:
-        """Row of ``(layer, head)`` in the arrays."""
-        try:
-            return self.heads.index((int(layer), int(head)))
-        except ValueError:
-            raise SelectionError(f"head {layer}.{head} is not in this map; it holds {', '.join(f'{a}.{b}' for a, b in self.heads)}") from None
-
-    @property
-    def summaries(self) -> list[dict[str, Any]]:
-        """Per head: total |force|, attention mass on A > 0 (mean over queries), mean attention
-        entropy (nats), the largest |push| and the key that gets it, max value-update size."""
-        rows = []
-        qv = self.query_valid
-        for k, (layer, head) in enumerate(self.heads):
-            a, adv, f = self.pattern[k][qv], self.advantage[k][qv], self.force[k]
-            top = int(np.argmax(np.abs(self.push[k])))
-            rows.append({
-                "layer": layer,
-                "head": head,
-                "total_abs_force": float(np.nansum(np.abs(f))),
-                "mass_positive": float(np.where(np.nan_to_num(adv) > 0, a, 0.0).sum(-1).mean()),
-                "entropy": float(entropy(torch.from_numpy(a)).mean()),
-                "max_abs_push": float(abs(self.push[k][top])),
-                "top_push_key": top,
-                "max_value_update": float(self.value_update[k].max()),
-                "law_residual": float(self.law_residual[k]),
-            })
-        return rows
-
-    def to_dataframe(self):
-        """Tidy: one row per (layer, head, query, key) unmasked entry with α, b, b̄, A, force."""
-        import pandas as pd
-
-        frames = []
-        for k, (layer, head) in enumerate(self.heads):
-            q, j = np.nonzero(np.isfinite(self.force[k]))
-            frames.append(pd.DataFrame({
-                "layer": layer, "head": head, "query": q, "key": j,
-                "alpha": self.pattern[k][q, j], "b": self.compat[k][q, j], "b_mean": self.compat_mean[k][q],
-                "advantage": self.advantage[k][q, j], "force": self.force[k][q, j],
-            }))
-        return pd.concat(frames, ignore_index=True)
-
-    def summary_frame(self):
-        """The per-head :attr:`summaries` as a DataFrame."""
-        import pandas as pd
-
-        return pd.DataFrame(self.summaries)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: prompt, token_ids, tokens, objective, loss and per head ``layer``, ``head``,
-        ``pattern``, ``advantage``, ``force``, ``compat``, ``compat_mean`` (nested lists, null on
-        masked entries), ``push``, ``value_update`` and the summary numbers."""
-        heads = []
-        for k, s in enumerate(self.summaries):
-            heads.append({**s, **{name: _lists(getattr(self, name)[k]) for name in
-                                  ("pattern", "advantage", "force", "compat", "compat_mean", "push", "value_update")}})
-        return {"prompt": self.prompt, "token_ids": list(self.token_ids), "tokens": list(self.tokens),
-                "objective": self.objective, "loss": self.loss,
-                "sign_convention": "force = -dL/ds_ij = alpha_ij * A_ij, A_ij = b_mean_i - b_ij; force > 0: "
-                                   "a gradient-descent step raises s_ij (attention moves toward key j)",
-                "heads": heads}
-
-    def plot(self, ax=None, *, layer: int | None = None, head: int | None = None, what: str = "force"):
-        """One head's ``force`` (default), ``advantage`` or ``pattern`` matrix as a heat map
-        (diverging, red = positive); default head: the largest total |force|."""
-        import matplotlib.pyplot as plt
-
-        if what not in ("force", "advantage", "pattern"):
-            raise InputError(f"what={what!r}; accepted: force, advantage, pattern")
-        if layer is None or head is None:
-            k = int(np.argmax([s["total_abs_force"] for s in self.summaries]))
-        else:
-            k = self.index(layer, head)
-        if ax is None:
-            _, ax = plt.subplots(figsize=(5, 4.4))
-        m = getattr(self, what)[k]
-        if what == "pattern":
-            im = ax.imshow(m, cmap="Greys", vmin=0, vmax=1)
-        else:
-            lim = float(np.nanmax(np.abs(m))) or 1.0
-            im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_xlabel("key position j")
-        ax.set_ylabel("query position i")
-        name = {"force": "routing force −∂L/∂s = αA", "advantage": "advantage A = b̄ − b", "pattern": "attention α"}[what]
-        ax.set_title(f"L{self.heads[k][0]}H{self.heads[k][1]}: {name}", fontsize=9)
-        ax.figure.colorbar(im, ax=ax)
-        return ax
-
-    def to_html(self, *, title: str | None = None) -> str:
-        """A self-contained HTML page (inline CSS/JS, no network): head grid, heat map with hover,
-        token strip coloured by push. Write it with any file API; ``bayesmanifold map`` does."""
-        from ..maps.html import render_map
-
-        return render_map(self.to_dict(), title=title)
+        rows = [{**self.rows[h], "kept": h in self.mats} for h in sorted(self.rows)]
+        ids = self.token_ids or list(range(n))
+        return RoutingMap(
+            prompt=None, token_ids=ids, tokens=[str(i) for i in ids], heads=heads,
+            pattern=stack("pattern", (n, n), self.dtype), advantage=stack("advantage", (n, n), self.dtype),
+            force=stack("force", (n, n), self.dtype), compat_mean=stack("compat_mean", (n,), np.float64),
+            push=stack("push", (n,), np.float64), value_update=stack("value_update", (n,), np.float64),
+            law_residual=np.array([self.rows[h]["law_residual"] for h in heads]),
+            query_valid=self.query_valid, summaries=rows, loss=float("nan"), objective="next-token",
+            n_layers=max(h[0] for h in self.rows) + 1, n_heads=self.n_heads, by=self.by)
 
 
 # ------------------------------------------------------------------------------------ entry point
@@ -347,31 +317,46 @@ def routing_map(
     *,
     heads: Any = None,
     objective: Any = None,
+    top: int | None = None,
+    by: str = "total_abs_force",
+    precision: str = "float32",
 ) -> RoutingMap:
     """The per-token routing map of ``prompt`` for every selected head, from one capture pass.
 
     Args:
-        model: a TransformerLens model.
+        model: a TransformerLens model (or its backend).
         prompt: text (the model's tokenizer, or UTF-8 bytes for a byte-vocabulary model) or ids.
         heads: None (all), ``"L.H,..."`` or ``[(L, H), ...]``.
         objective: ``"next-token"`` (default: mean next-token cross-entropy over the prompt),
             ``"last"``, ``"pos:P,..."`` or a function ``(logits, tokens) -> scalar``.
+        top: keep the matrices of only the K heads with the largest ``by`` (every selected head
+            keeps its summaries); None keeps all.
+        by: the summary that ranks heads for ``top`` (see :data:`RANKABLE`).
+        precision: the dtype of the kept matrices, ``"float32"`` (default) or ``"float64"``.
 
     Raises:
         InputError / SelectionError: before any pass, for an empty or too long prompt, heads out
-            of range or an unknown objective.
+            of range, an unknown objective, a bad ``top``, ``by`` or ``precision``, or kept
+            matrices that would exceed :data:`MAX_MATRIX_BYTES` (the message names the ``top`` that fits).
 
     Example:
         >>> m = routing_map(model, "def f(x): return f(x)", heads="1.0,1.1")  # doctest: +SKIP
         >>> m.summary_frame()  # doctest: +SKIP
     """
+    check_map_options(top, by, precision)
     sel = parse_heads(heads, model)
     tokens = prompt_tokens(model, prompt)
     fn, name = resolve_objective(objective, int(tokens.shape[1]))
-    acc = RoutingMapAccumulator()
+    fp = map_footprint(int(tokens.shape[1]), sum(len(h) for h in sel.values()), top, precision)
+    if fp["matrix_bytes"] > MAX_MATRIX_BYTES:
+        raise InputError(f"{fp['kept']} heads' matrices on {tokens.shape[1]} tokens would take {fp['matrix_bytes'] / 2**30:.1f} GiB "
+                         f"(limit {MAX_MATRIX_BYTES / 2**30:.0f} GiB); keep fewer with top=K (--top K), K <= {fp['max_top']}, "
+                         "or shorten the prompt")
+    acc = RoutingMapAccumulator(top=top, by=by, precision=precision)
     with capture(model, accumulators=[acc], layers=list(sel), heads=sel, objective=fn) as cap:
         loss = cap.run(tokens)
     res = acc.finalize()
     ids = [int(t) for t in tokens[0].tolist()]
     return replace(res, prompt=prompt if isinstance(prompt, str) else None, token_ids=ids,
-                   tokens=token_strings(model, ids), loss=float(loss), objective=name)
+                   tokens=token_strings(model, ids), loss=float(loss), objective=name,
+                   n_layers=model_access(model).n_layers)

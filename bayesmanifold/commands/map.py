@@ -2,12 +2,14 @@
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..errors import InputError
 from ..io import atomic_write_text
 from .common import (
     add_model_args,
+    at_least,
     format_table,
     input_file,
     open_model_from,
@@ -18,7 +20,11 @@ from .common import (
 
 NAME = "map"
 HELP = "per head and token: attention α, advantage A = b̄ − b and routing force αA of a prompt, as an HTML page"
-EXAMPLE = "bayesmanifold map stdlib-attn2 --prompt-file prompt.py --heads 1.0,1.1 --out map.html --json map.json"
+EXAMPLE = "bayesmanifold map smollm2-135m --prompt-file prompt.txt --top 40 --out map.html --json map.json"
+
+# the library's RANKABLE and the page's shades, written out so that --help imports no torch
+_RANKABLE = ("total_abs_force", "mass_positive", "max_abs_push", "max_value_update", "induction", "previous_token")
+_SHADES = (*_RANKABLE, "entropy", "law_residual")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,10 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", metavar="L.H,...", default=None, type=head_list, help="heads to map, e.g. 0.1,1.3 or 1.* (default: all)")
     p.add_argument("--objective", default="next-token", metavar="NAME",
                    help="next-token (default: mean next-token cross-entropy over the prompt), last, or pos:P[,P...]")
+    p.add_argument("--top", type=at_least(1), default=None, metavar="K",
+                   help="keep the matrices of only the K heads with the largest --by summary (every head keeps its "
+                        "summaries in the grid; default: all heads' matrices)")
+    p.add_argument("--by", default="total_abs_force", choices=_RANKABLE,
+                   help="the summary --top ranks heads by (default total_abs_force, the total |force|)")
+    p.add_argument("--shade", default=None, choices=_SHADES, help="the summary that shades the head grid (default: --by)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the toy model's weights")
     p.add_argument("--title", default=None, help="page title (default: model and prompt length)")
     p.add_argument("--out", required=True, metavar="HTML", type=output_file, help="write the page here")
-    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the matrices as JSON (prompt, token_ids, tokens, heads)")
+    p.add_argument("--json", metavar="PATH", type=output_file, help="also write the per-head summaries as JSON, and the kept "
+                                                                    "heads' matrices (float16) in a .npz of the same name beside it")
 
 
 def head_list(text: str) -> str:
@@ -45,6 +58,14 @@ def head_list(text: str) -> str:
                 f"head {item.strip()!r} not understood; give LAYER.HEAD with indices counted from 0, e.g. 0.1,1.3 "
                 "(1.* for a whole layer; no negative indices)")
     return text
+
+
+def npz_path(json_path: str) -> str:
+    """Where the matrices go beside the summary JSON: the same name with the suffix .npz."""
+    p = Path(json_path)
+    if p.suffix == ".npz":
+        raise InputError(f"--json {json_path!r} ends in .npz; the matrices go to a .npz beside the JSON: give a .json path")
+    return str(p.with_suffix(".npz"))
 
 
 def check_writable(path: str, what: str) -> None:
@@ -76,26 +97,44 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analyses.routing_maps import routing_map
+    from ..analyses import routing_maps as rm
+    from ..analyses.routing_map_result import rank_value
 
     check_writable(args.out, "--out")
     if args.json:
         check_writable(args.json, "--json")
+        check_writable(npz_path(args.json), "--json's .npz")
     prompt = read_prompt(args)
     from ..models.checkpoint import refuse_unusable
 
     refuse_unusable(args.model, command="map", text=True, attention=True)
     model = open_model_from(args).model
-    m = routing_map(model, prompt, heads=args.heads, objective=args.objective)
+    n_tokens = int(rm.prompt_tokens(model, prompt).shape[1])
+    n_heads = sum(len(h) for h in rm.parse_heads(args.heads, model).values())
+    fp = rm.map_footprint(n_tokens, n_heads, args.top)
+    if fp["page_bytes"] > 25e6 and fp["matrix_bytes"] <= rm.MAX_MATRIX_BYTES:
+        print(f"bayesmanifold map: note: {fp['kept']} heads × {n_tokens} tokens: the page will take about "
+              f"{fp['page_bytes'] / 1e6:.0f} MB; --top K keeps fewer heads' matrices", file=sys.stderr)
+    m = rm.routing_map(model, prompt, heads=args.heads, objective=args.objective, top=args.top, by=args.by)
     title = args.title or f"Routing map: {args.model}, {len(m.token_ids)} tokens"
-    atomic_write_text(args.out, m.to_html(title=title))
-    write_json(args.json, m.to_dict())
-    rows = sorted(m.summaries, key=lambda r: -r["total_abs_force"])
+    atomic_write_text(args.out, m.to_html(title=title, shade=args.shade))
+    if args.json:
+        m.save_npz(npz_path(args.json))
+        write_json(args.json, {**m.to_dict(), "matrices": Path(npz_path(args.json)).name})
+    rows = sorted(m.summaries, key=lambda r: (-rank_value(r, args.by), r["layer"], r["head"]))
     for r in rows:
         r["name"] = f"{r['layer']}.{r['head']}"
-    print(f"{args.model}: {len(m.token_ids)} tokens, objective {m.objective}, loss {m.loss:.4f}, {len(rows)} heads")
+    print(f"{args.model}: {len(m.token_ids)} tokens, objective {m.objective}, loss {m.loss:.4f}, "
+          f"{len(rows)} heads measured, matrices of {len(m.heads)} kept")
     print(format_table(rows[:12], [("name", "head", "s"), ("total_abs_force", "Σ|force|", ".4g"),
                                    ("mass_positive", "α on A>0", ".3f"), ("entropy", "entropy", ".3f"),
-                                   ("max_abs_push", "max|push|", ".4g"), ("law_residual", "law resid", ".1e")]))
-    print(f"page: {args.out}" + (f"  json: {args.json}" if args.json else ""))
+                                   ("induction", "induction", ".3f"), ("law_residual", "law resid", ".1e")]))
+    sizes = f"page: {args.out} ({_mb(args.out)})"
+    if args.json:
+        sizes += f"  json: {args.json} ({_mb(args.json)})  matrices: {npz_path(args.json)} ({_mb(npz_path(args.json))})"
+    print(sizes)
     return 0
+
+
+def _mb(path: str) -> str:
+    return f"{os.path.getsize(path) / 1e6:.1f} MB"
