@@ -222,9 +222,8 @@ class Backend:
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.model.parameters():
-            return p.dtype
-        return torch.float32
+        """The dtype of the model's floating-point weights (float32 when it has none)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def tokenizer(self) -> Any:

@@ -190,13 +190,6 @@ class BridgeBackend(Backend):
         seen = {i.softmax_dtype for i in self.layers.values() if i.softmax_dtype is not None}
         return min(seen, key=lambda d: torch.finfo(d).bits) if seen else None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
     # ------------------------------------------------------------------ hook names
     def has_site(self, site: str, layer: int | None = None) -> bool:
         if site == "scores":

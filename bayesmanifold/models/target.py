@@ -44,11 +44,8 @@ class Target:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the model runs in."""
-        for p in self.model.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
+        """The dtype the model runs in (its floating-point weights'; LSTM and MLP baselines included)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def kind(self) -> str:
