@@ -15,7 +15,7 @@ from .common import add_device_arg, add_json_arg, add_seed_arg, at_least, format
 
 NAME = "paper-size"
 HELP = "train the paper's wind-tunnel model within a time budget and measure every claim (run), or the size trend (trend)"
-EXAMPLE = "bayesmanifold paper-size run --device cuda --time-budget 390 --out paper_run --json paper_run.json"
+EXAMPLE = "bayesmanifold paper-size run --device cuda --time-budget 360 --out paper_run --json paper_run.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["bijection", "hmm"], default=None, help="run: task (default: the preset's)")
     p.add_argument("--steps", type=at_least(1), default=None, help="run: steps (default: the paper schedule's, capped by the budget)")
     p.add_argument("--batch-size", type=at_least(1), default=None)
-    p.add_argument("--time-budget", type=positive_float, default=390.0, metavar="S",
-                   help="run: training seconds (default 390: with the report, under 9 minutes on one H100 by our estimate)")
+    p.add_argument("--time-budget", type=positive_float, default=360.0, metavar="S",
+                   help="run: training seconds (default 360: with the report, under 9 minutes on one H100 by our estimate)")
     p.add_argument("--no-budget", action="store_true", help="run: train the full --steps whatever the time")
     p.add_argument("--no-bf16", action="store_true", help="run: float32 training on CUDA")
     p.add_argument("--quick-report", action="store_true", help="run: the report's quick mode")

@@ -63,7 +63,7 @@ class PaperRunConfig:
     lr: float | None = None
     warmup: int | None = None
     loss: str | None = None
-    time_budget_s: float | None = 390.0
+    time_budget_s: float | None = 360.0
     seed: int = 0
     device: str = "cuda"
     bf16: bool = True
