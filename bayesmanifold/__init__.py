@@ -50,6 +50,7 @@ _WHERE = {
     "RoutingMapAccumulator": ".analyses",
     "routing_map": ".analyses",
     "induction_scores": ".analyses",
+    "measure_protocols": ".analyses",
     "measure_calibration": ".windtunnels.calibration",
 }
 

@@ -49,6 +49,11 @@ _WHERE = {
     "routing_map": "routing_maps",  # module name differs: a submodule attribute would shadow the function
     "induction_scores": "induction",
     "InductionResult": "induction",
+    "measure_protocols": "protocols",
+    "ProtocolConfig": "protocols",
+    "ProtocolResult": "protocols",
+    "PROTOCOLS": "protocols",
+    "FinalManifoldResult": "final_manifold",
     "pearson": "stats",
     "spearman": "stats",
     "entropy": "stats",
