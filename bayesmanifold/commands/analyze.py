@@ -75,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     model = target.model
     if not hasattr(model, "blocks") or not hasattr(model, "hooks"):
         raise InputError(f"{args.target!r} holds a {type(model).__name__}, not an attention model; analyze needs a HookedTransformer")
+    if args.protocol == "authors":
+        from ..report.suite import has_exact_posterior
+
+        if not has_exact_posterior(target.task) or args.prompts:
+            raise InputError("--protocol authors needs a wind-tunnel checkpoint (or --task) and no --prompts: "
+                             "the authors' protocols score exact posteriors")
     result = run_suite(target, config)
     res = result.to_dict()
     res["target"] = str(args.target)
@@ -109,11 +115,8 @@ def _authors_side_by_side(target, res: dict, seed: int) -> tuple[dict, list]:
 
     from ..analyses.protocols import ProtocolConfig, measure_protocols
     from ..report.claims import CLAIMS, judge_claims
-    from ..report.suite import has_exact_posterior
     from ..windtunnels.calibration import measure_calibration
 
-    if not has_exact_posterior(target.task):
-        raise InputError("--protocol authors needs a wind-tunnel checkpoint (or --task): the authors' protocols score exact posteriors")
     proto = measure_protocols(target.model, target.task, ProtocolConfig(seed=seed)).to_dict()
     cal = measure_calibration(target.model, target.task, n_seqs=1000, generator=12345)
     m = {"task": target.task.to_dict(), "analyze": res, "protocols": proto,
