@@ -22,7 +22,13 @@ model (ours is the geometry suite's, :mod:`bayesmanifold.report.measure`):
   |mean over sequences of model entropy − mean over sequences of Bayes entropy|.
 - **frame first**: ours is the attention/value drift rule of :mod:`bayesmanifold.analyses.dynamics`;
   the authors' (``experiments/jlens/run_phase5.py``: overlap of rank-8 Jacobian-lens subspaces
-  with the embedding frame against 500 random subspaces) is not built here.
+  with the embedding frame against 500 random subspaces) is not built here. It needs, per source
+  position, the Gram matrix of the Jacobians of the 20 hypothesis logits at every later position
+  with respect to the residual stream after the embedding and after block 0 (one backward pass per
+  target position, the cotangent dimensions batched; ``experiments/jlens/extract.py``), its top-8
+  eigenvectors, and their projection overlap with the span of the normalised hypothesis-token
+  embeddings; capture delivers gradients at the attention sites and the embedding, not yet at
+  ``resid_post``.
 """
 
 from dataclasses import asdict, dataclass, field
