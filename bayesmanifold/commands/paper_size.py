@@ -11,7 +11,16 @@ ours, on each checkpoint (or snapshot), one row each.
 
 import argparse
 
-from .common import add_device_arg, add_json_arg, add_seed_arg, at_least, format_table, output_dir, positive_float, write_json
+from .common import (
+    add_device_arg,
+    add_json_arg,
+    add_seed_arg,
+    at_least,
+    format_table,
+    output_dir,
+    positive_float,
+    write_json,
+)
 
 NAME = "paper-size"
 HELP = "train the paper's wind-tunnel model within a time budget and measure every claim (run), or the size trend (trend)"

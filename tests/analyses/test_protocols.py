@@ -4,6 +4,7 @@ the final-norm rows, the focusing that coincides with ours, and the HMM KL at K 
 import numpy as np
 import pytest
 import torch
+from helpers import hook_count
 
 from bayesmanifold.analyses.final_manifold import final_manifold_stats
 from bayesmanifold.analyses.protocols import PROTOCOLS, ProtocolConfig, measure_protocols
@@ -12,7 +13,6 @@ from bayesmanifold.hooks import model_access
 from bayesmanifold.models.presets import build_model, preset_spec
 from bayesmanifold.windtunnels.bijection import BijectionTask
 from bayesmanifold.windtunnels.hmm import HMMTask
-from helpers import hook_count
 
 
 def _synthetic(n_per=200, n_pos=5, d=6, pos_scale=3.0, seed=0):
