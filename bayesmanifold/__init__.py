@@ -51,6 +51,7 @@ _WHERE = {
     "RoutingMapAccumulator": ".analyses",
     "routing_map": ".analyses",
     "induction_scores": ".analyses",
+    "measure_protocols": ".analyses",
     "measure_calibration": ".windtunnels.calibration",
 }
 

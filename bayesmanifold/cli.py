@@ -36,6 +36,7 @@ COMMAND_MODULES: list[str] = [
     "scan",
     "merge",
     "map",
+    "paper-size",
 ]
 
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        mod = importlib.import_module(f"bayesmanifold.commands.{name}")
+        mod = importlib.import_module(f"bayesmanifold.commands.{name.replace('-', '_')}")
         p = sub.add_parser(
             mod.NAME,
             help=mod.HELP,

@@ -28,7 +28,8 @@ WIND_TUNNEL = [n for n in SHIPPED if json.loads((shipped_dir() / n / "metrics.js
 def test_expected_checkpoints_are_shipped_within_budget():
     assert set(EXPECTED) <= set(WIND_TUNNEL) and set(TEXT) <= set(SHIPPED)
     total = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
-    assert total <= 20_000_000  # 20 MB for every shipped checkpoint together
+    # 30 MB for every shipped checkpoint together (raised from 20 MB for the size-trend models, issue 26)
+    assert total <= 30_000_000
 
 
 @pytest.mark.parametrize("name", WIND_TUNNEL)

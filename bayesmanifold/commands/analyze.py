@@ -10,6 +10,7 @@ steps. On a pretrained model with ``--prompts``: Paper III's protocol at each pr
 import argparse
 from pathlib import Path
 
+from ..errors import InputError
 from .common import (
     add_json_arg,
     add_model_options,
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="representation for the value manifold (default: residual stream on wind tunnels, as Paper I's scripts; values_concat on prompts, as Paper III)")
     p.add_argument("--max-snapshots", type=at_least(2), default=40, help="replay at most this many weight snapshots (default 40)")
     p.add_argument("--no-dynamics", action="store_true", help="skip the training-dynamics replay")
+    p.add_argument("--protocol", choices=["ours", "authors"], default="ours",
+                   help="authors: also measure each claim as the authors' code does (value manifold of the final-norm "
+                   "residual at the value positions, their focusing, their HMM KL) and print it beside ours")
     p.add_argument("--dynamics-range", choices=["first-stage", "all"], default="first-stage",
                    help="for a checkpoint trained in stages (warm starts): replay the snapshots of the "
                    "first, from-scratch stage (default) or of every stage")
@@ -71,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
     target = open_model_from(args, args.target, task=args.task)
+    if args.protocol == "authors":
+        from ..suite import has_exact_posterior
+
+        if not has_exact_posterior(target.task) or args.prompts:
+            raise InputError("--protocol authors needs a wind-tunnel checkpoint (or --task) and no --prompts: "
+                             "the authors' protocols score exact posteriors")
     result = run_suite(target, config)
     res = result.to_dict()
     res["target"] = str(args.target)
@@ -97,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             f"final): frame {_at(res['frame_settling_step'])}, values {_at(res['precision_settling_step'])}, "
             f"calibration {_at(res['calibration_settling_step'])}"
         )
+    if args.protocol == "authors":
+        res["protocols"], res["claims"] = _authors_side_by_side(target, res, args.seed)
     if figs:
         print(f"figures: {', '.join(figs)}")
     write_json(args.json, res)
@@ -105,3 +117,25 @@ def run(args: argparse.Namespace) -> int:
 
 def _at(step) -> str:
     return "not within the replayed snapshots" if step is None else f"at step {step}"
+
+
+def _authors_side_by_side(target, res: dict, seed: int) -> tuple[dict, list]:
+    """Measure the authors' protocols, print each claim on both protocols; (numbers, findings)."""
+    from dataclasses import asdict
+
+    from ..analyses.protocols import ProtocolConfig, measure_protocols
+    from ..report.claims import CLAIMS, judge_claims
+    from ..windtunnels.calibration import measure_calibration
+
+    proto = measure_protocols(target.model, target.task, ProtocolConfig(seed=seed)).to_dict()
+    cal = measure_calibration(target.model, target.task, n_seqs=1000, generator=12345)
+    m = {"task": target.task.to_dict(), "analyze": res, "protocols": proto,
+         "calibration": {"entropy_mae_bits": cal.entropy_mae_bits, "mean_kl_bits": cal.mean_kl_bits}}
+    names = ("calibration", "value_manifold", "attention_focusing", "two_timescales")
+    findings = judge_claims(m, [c for c in CLAIMS if c.name in names])
+    mark = {True: "yes", False: "no", None: "—"}
+    print("\nauthors' protocol beside ours (same thresholds):")
+    for f in findings:
+        print(f"- {f.claim}\n    paper: {f.paper}\n    authors' protocol: {f.authors_measured or '—'} "
+              f"[held: {mark[f.authors_held] if f.authors_measured else '—'}]\n    our protocol: {f.measured} [held: {mark[f.held]}]")
+    return proto, [asdict(f) for f in findings]

@@ -42,6 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hmm-cpu": {"n_layers": 3, "n_heads": 4, "d_model": 64},
     "hmm-cpu-wide": {"n_layers": 3, "n_heads": 4, "d_model": 128},
     "hmm-cpu-deep": {"n_layers": 6, "n_heads": 4, "d_model": 64},
+    # the size trend of the value-manifold and focusing protocols (analyses/RESULTS.md)
+    "bijection-cpu-3x96": {"n_layers": 3, "n_heads": 4, "d_model": 96},
+    "bijection-cpu-4x128": {"n_layers": 4, "n_heads": 4, "d_model": 128},
     "small": {"n_layers": 2, "n_heads": 2, "d_model": 32},
     "tiny": {"n_layers": 1, "n_heads": 2, "d_model": 16},
     # byte-level models of Python's stdlib (task "text"); attn_only: no MLP blocks. The shipped

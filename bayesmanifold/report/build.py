@@ -272,7 +272,14 @@ def geometry(target: Target, config: SuiteConfig) -> Stage:
     """The geometry suite; its figures rendered as ``analyze --out`` writes them."""
     res = run_suite(target, config)
     sections = [_titled(name, png=figure_png(res.figure(name), dpi=GEOMETRY_DPI, tight=False)) for name in res.figure_names]
-    return {"analyze": res.to_dict()}, sections
+    numbers: dict[str, Any] = {"analyze": res.to_dict()}
+    if has_exact_posterior(target.task) and not config.prompts:
+        from ..analyses.protocols import ProtocolConfig, measure_protocols
+
+        # the authors' counts (50 × 64 sequences); a quick report (fewer suite sequences) uses 512
+        n = 3200 if config.n_seqs >= 256 else 512
+        numbers["protocols"] = measure_protocols(target.model, target.task, ProtocolConfig(seed=config.seed, n_seqs=n)).to_dict()
+    return numbers, sections
 
 
 #: the live section's seeds: the first two of the recorded run's five (each seed's run is the same

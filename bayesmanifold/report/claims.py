@@ -67,8 +67,12 @@ class Claim:
         return self.judge(m, self.threshold)
 
     def finding(self, m: Measured) -> Finding:
+        from .protocol_claims import authors_verdict
+
         v = self.verdict(m)
-        return Finding(self.statement, v.measured, self.paper(m), v.held, v.note)
+        a = authors_verdict(self.name, m, self.threshold)
+        extra = {} if a is None else {"authors_held": a[0], "authors_measured": a[1], "authors_note": a[2]}
+        return Finding(self.statement, v.measured, self.paper(m), v.held, v.note, **extra)
 
 
 def _has(m: Measured, path: str) -> bool:

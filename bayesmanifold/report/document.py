@@ -34,6 +34,9 @@ class Finding:
     paper: str
     held: bool | None  # None: reported, no pass/fail criterion
     note: str = ""
+    authors_measured: str = ""  # the same claim on the authors' protocol ("" where there is none)
+    authors_held: bool | None = None
+    authors_note: str = ""
 
 
 @dataclass
@@ -116,10 +119,14 @@ class Report:
             held = sum(c.held is True for c in self.claims)
             tested = sum(c.held is not None for c in self.claims)
             parts.append(f"<h2>What was tested, and what held ({held} of {tested} checks)</h2>")
-            parts.append("<table><tr><th>claim</th><th>measured here</th><th>paper</th><th>held?</th></tr>")
+            parts.append("<table><tr><th>claim</th><th>paper</th><th>authors' protocol, this model</th><th>held?</th>"
+                         "<th>our protocol, this model</th><th>held?</th></tr>")
             for c in self.claims:
                 note = f"<br><small>{e(c.note)}</small>" if c.note else ""
-                parts.append(f"<tr><td>{e(c.claim)}{note}</td><td>{e(c.measured)}</td><td>{e(c.paper)}</td><td>{_MARK[c.held]}</td></tr>")
+                a_note = f"<br><small>{e(c.authors_note)}</small>" if c.authors_note else ""
+                a_mark = _MARK[c.authors_held] if c.authors_measured else "—"
+                parts.append(f"<tr><td>{e(c.claim)}</td><td>{e(c.paper)}</td><td>{e(c.authors_measured or '—')}{a_note}</td>"
+                             f"<td>{a_mark}</td><td>{e(c.measured)}{note}</td><td>{_MARK[c.held]}</td></tr>")
             parts.append("</table>")
         for s in self.sections:
             parts.append(f"<section><h2>{e(s.title)}</h2><div class='read'>{e(s.how_to_read)}</div>")

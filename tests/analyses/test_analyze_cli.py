@@ -113,3 +113,26 @@ def test_suite_is_a_value_and_runs_one_pass_per_batch(tmp_path, monkeypatch):
     assert len(calls) == 2  # 200 sequences in batches of 128
     assert "query_key_alignment" in res.to_dataframe().columns
     assert set(res.to_dict()["manifolds"]) == {"residual", "values_concat"}
+
+
+def test_analyze_protocol_authors_beside_ours(tmp_path, capsys):
+    from bayesmanifold.models.presets import preset_spec
+    from bayesmanifold.models.training import TrainConfig, train
+    from bayesmanifold.windtunnels.bijection import BijectionTask
+
+    task = BijectionTask(V=6, L=5)
+    train(task, preset_spec("small", task), TrainConfig(steps=20, eval_every=20, n_eval=16, progress=False, batch_size=16),
+          out_dir=tmp_path / "ck")
+    out = tmp_path / "a.json"
+    assert main(["analyze", str(tmp_path / "ck"), "--n-seqs", "16", "--no-dynamics", "--protocol", "authors",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "authors' protocol beside ours" in text and "value positions: PC1" in text
+    data = json.loads(out.read_text())
+    assert {"value_positions", "prefix_last"} <= set(data["protocols"]["value_manifold"])
+    claims = {c["claim"].split(" ")[0]: c for c in data["claims"]}
+    red = data["protocols"]["attention_focusing"]["elimination"]["reduction"]
+    assert claims["Attention"]["authors_measured"].startswith(f"{100 * red:.0f}% at elimination positions")
+    assert claims["Attention"]["authors_held"] is (red >= 0.8)
+    assert main(["analyze", "toy", "--protocol", "authors"]) == 2
+    assert "wind-tunnel" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_shipped_text_checkpoints_remeasure(name):
         assert max(tiny.score[4:]) >= 8 * uniform  # the live tiny measure sees it too (layer 1 = heads 4..7)
         assert max(h["prev_token_score"] for h in metrics["heads"] if h["layer"] == 0) > 0.2
     total = sum(f.stat().st_size for f in shipped_dir().rglob("*") if f.is_file())
-    assert total <= 20_000_000, f"shipped checkpoints take {total} bytes"
+    assert total <= 30_000_000, f"shipped checkpoints take {total} bytes"  # 30 MB since the size-trend models (issue 26)
     corpus = json.loads((d / "corpus.json").read_text())
     if task.describe()["sha256"] != corpus["sha256"]:
         pytest.skip(f"this interpreter's stdlib differs from the one {name} was trained on (Python {corpus['python_version']})")
