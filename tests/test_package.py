@@ -69,3 +69,24 @@ def test_allocator_tuning_is_cli_only():
     # the CLI commands, and the EM-vs-SGD worker process (started by the library, its own process; its
     # entry point, worker_main, lives in the trainer)
     assert callers == ["commands/demo.py", "commands/reproduce.py", "commands/train.py", "experiments/em_vs_sgd/trainer.py"]
+
+
+def test_one_registry_of_measurements_feeds_every_consumer():
+    """analyses' exports, the scan's --measures and the suite's figures all come from the registry."""
+    import bayesmanifold.analyses as analyses
+    from bayesmanifold.analyses.registry import MEASUREMENTS, exports, figures, scan_names
+    from bayesmanifold.corpus.measures import _ADAPTERS, MEASURES
+    from bayesmanifold.suite import FIGURES, SuiteResult
+
+    assert sorted(analyses.__all__) == sorted(exports())
+    import importlib
+    import types
+
+    for name, module in exports().items():  # every name resolves to what its module exports, never to a module
+        value = getattr(analyses, name)
+        assert not isinstance(value, types.ModuleType), name
+        assert value is getattr(importlib.import_module(f"bayesmanifold.analyses.{module}"), name), name
+    assert tuple(MEASURES) == scan_names() and set(_ADAPTERS) == set(scan_names())  # no scan adapter unregistered
+    assert FIGURES == figures() and all(hasattr(SuiteResult, f) or f in SuiteResult.__dataclass_fields__
+                                        for f in FIGURES.values())
+    assert len({m.name for m in MEASUREMENTS}) == len(MEASUREMENTS)

@@ -35,6 +35,7 @@ from ..analyses import (
     RoutingLawCheck,
     SpecializationAccumulator,
 )
+from ..analyses.registry import scan_names
 from ..errors import ConfigError, InputError
 from ..hooks.bundle import LayerBundle
 
@@ -219,7 +220,8 @@ def _none(res: Any) -> dict:
     return {}
 
 
-MEASURES: dict[str, Measure] = {m.name: m for m in (
+# How each streaming measurement becomes per-head rows and a summary (the registry says which exist).
+_ADAPTERS: dict[str, Measure] = {m.name: m for m in (
     Measure("routing", "routing, value and compatibility laws against autograd",
             lambda s: RoutingLawCheck(), _routing_rows, _routing_summary),
     Measure("advantage", "advantage statistics and routing-gradient concentration",
@@ -234,6 +236,9 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
     Measure("manifold", "streaming PCA of each head's value vectors",
             lambda s: ValueManifoldHeads(), lambda r: r, _none),
 )}
+
+#: The measurements a scan can stream, in the registry's order (:mod:`bayesmanifold.analyses.registry`).
+MEASURES: dict[str, Measure] = {name: _ADAPTERS[name] for name in scan_names()}
 
 DEFAULT_MEASURES = ("routing", "advantage", "entropy", "value_norms")
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..analyses.registry import figures
 from ..errors import ConfigError, InputError
 from ..models.target import Target
 
@@ -81,15 +82,7 @@ class SuiteConfig:
         return cls(**d)
 
 
-# figure name -> the SuiteResult field whose result draws it, in the order a report shows them
-FIGURES = {
-    "key_orthogonality": "key_orthogonality",
-    "value_manifold": "manifold",
-    "attention_entropy": "attention_entropy",
-    "specialization": "specialization",
-    "dynamics": "dynamics",
-    "paper3": "paper3",
-}
+FIGURES = figures()  # figure name -> SuiteResult field, from the registry of measurements
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import hook_count, make_model
 
-from bayesmanifold.analyses.specialization import SpecializationAccumulator, specialization
+from bayesmanifold.analyses.value_specialization import SpecializationAccumulator, specialization
 from bayesmanifold.errors import InputError
 from bayesmanifold.hooks import Batch, LayerBundle, capture
 
