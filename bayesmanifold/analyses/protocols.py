@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, ModelError
 from ..hooks import Batch, capture, model_access
 from .attention import AttentionEntropyAccumulator
 from .final_manifold import FinalResidualAccumulator
@@ -252,8 +252,10 @@ def measure_protocols(model: Any, task: Any, config: ProtocolConfig | None = Non
     config = config or ProtocolConfig()
     if task is None or not hasattr(task, "sample") or hasattr(task, "evaluate"):
         raise InputError("the authors' protocols need a wind tunnel with an exact posterior (bijection, hmm, recall)")
-    if not hasattr(model, "blocks"):
-        raise InputError(f"the protocols need an attention model; got a {type(model).__name__}")
+    try:
+        model_access(model)
+    except ModelError:
+        raise InputError(f"the protocols need an attention model; got a {type(model).__name__}") from None
     was_training = getattr(model, "training", False)
     model.eval()
     try:
