@@ -318,7 +318,7 @@ class BridgeBackend(Backend):
 
     # ------------------------------------------------------------------ inputs and weights
     def prepare_batch(self, inputs: Any, attention_mask: Tensor | None = None) -> Batch:
-        """As :meth:`ModelAccess.prepare_batch`; refuses left padding where the bridge's gradients are wrong.
+        """As :meth:`Backend.prepare_batch`; refuses left padding where the bridge's gradients are wrong.
 
         TransformerLens 3.x bridges in compatibility mode mask with −inf and take the softmax of
         fully masked (left-padding) query rows as is: its NaN leaks into every gradient (4.x masks
