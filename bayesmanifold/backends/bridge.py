@@ -181,7 +181,7 @@ class BridgeBackend(Backend):
     def parameter_names(self, kind: str, layers: Any = None) -> list[str]:
         if kind == "all":
             return super().parameter_names(kind, layers)
-        return bridge_loading.bridge_parameter_names(self.model, kind, layers)
+        return _bridge_parameter_names(self.model, kind, layers)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -359,3 +359,33 @@ def _attn_scale(inner: Any, layer: int) -> float | None:
     if getattr(inner, "scale_attn_by_inverse_layer_idx", False):  # GPT-2's option, applied separately
         divisor *= float(getattr(inner, "layer_idx", layer) + 1)
     return divisor if math.isfinite(divisor) else None
+
+
+def _bridge_parameter_names(model: nn.Module, kind: str, layers: Any = None) -> list[str]:
+    """Names (as ``named_parameters`` gives them) of a bridge's attention ``"qk"`` or ``"values"`` parameters.
+
+    Raises:
+        SelectionError: the architecture stores q, k and v in one matrix (GPT-2, GPT-NeoX): they
+            cannot be stepped apart.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    subs = ("q", "k") if kind == "qk" else ("v",)
+    out: list[str] = []
+    for layer, block in enumerate(model.blocks):
+        if layers is not None and layer not in layers:
+            continue
+        attn = getattr(block, "attn", None)
+        if attn is None:
+            continue
+        own = {s: [p for p in getattr(attn, s).parameters()] if hasattr(attn, s) else [] for s in ("q", "k", "v")}
+        other = {id(p) for s in ("q", "k", "v") if s not in subs for p in own[s]}
+        for s in subs:
+            for p in own[s]:
+                if id(p) in other or id(p) not in names:
+                    raise SelectionError(
+                        f"layer {layer} stores q, k and v in one matrix: its {kind} parameters cannot be stepped "
+                        "apart; step 'all'"
+                    )
+                if p.is_floating_point() and names[id(p)] not in out:
+                    out.append(names[id(p)])
+    return out

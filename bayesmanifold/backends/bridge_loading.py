@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ModelError, SelectionError
+from ..errors import CheckpointError, ModelError
 from .loading import first_line
 
 __all__ = [
@@ -371,33 +371,3 @@ def load_named_bridge(name: str, *, device: str = "cpu", dtype: torch.dtype = to
             f"could not load pretrained model {name!r} ({type(exc).__name__}: {first_line(exc)}); "
             "accepted: 'toy', a local HuggingFace directory, or a model name (needs network)"
         ) from None
-
-
-def bridge_parameter_names(model: nn.Module, kind: str, layers: Any = None) -> list[str]:
-    """Names (as ``named_parameters`` gives them) of a bridge's attention ``"qk"`` or ``"values"`` parameters.
-
-    Raises:
-        SelectionError: the architecture stores q, k and v in one matrix (GPT-2, GPT-NeoX): they
-            cannot be stepped apart.
-    """
-    names = {id(p): n for n, p in model.named_parameters()}
-    subs = ("q", "k") if kind == "qk" else ("v",)
-    out: list[str] = []
-    for layer, block in enumerate(model.blocks):
-        if layers is not None and layer not in layers:
-            continue
-        attn = getattr(block, "attn", None)
-        if attn is None:
-            continue
-        own = {s: [p for p in getattr(attn, s).parameters()] if hasattr(attn, s) else [] for s in ("q", "k", "v")}
-        other = {id(p) for s in ("q", "k", "v") if s not in subs for p in own[s]}
-        for s in subs:
-            for p in own[s]:
-                if id(p) in other or id(p) not in names:
-                    raise SelectionError(
-                        f"layer {layer} stores q, k and v in one matrix: its {kind} parameters cannot be stepped "
-                        "apart; step 'all'"
-                    )
-                if p.is_floating_point() and names[id(p)] not in out:
-                    out.append(names[id(p)])
-    return out

@@ -19,7 +19,7 @@ How it stays cheap and side-effect free:
 - Forward-only measurements (attention entropy, value manifolds, the logit lens) ride the same
   path with ``gradients=False``: the pass runs under ``no_grad`` and each layer is handed over as
   soon as its last requested site has fired.
-- Hook names, masks and head counts come from the model-access layer (:mod:`.access`).
+- Hook names, masks and head counts come from the model's backend (:mod:`bayesmanifold.backends`).
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backends import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, model_access
-from ..backends.batch import Batch
+from ..backends import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, Batch, model_access
 from ..backends.selection import select_heads
 from ..errors import InputError, ModelError, ObjectiveError, SelectionError
 from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
@@ -124,7 +123,6 @@ class Capture:
         self.objective = objective
         # where the gradient path starts: the backend's embedding output (or None: float inputs only)
         self.input_point = self.access.embed_point() if input_hook is not None else None
-        self.input_hook = input_hook if self.input_point is not None else None
         self.kept: dict[int, LayerBundle] = {}
         self.output: OutputBundle | None = None
         self.last_loss: float | None = None
@@ -154,7 +152,7 @@ class Capture:
 
     def _register(self) -> None:
         acc = self.access
-        if self.input_hook is not None and self.gradients:
+        if self.input_point is not None and self.gradients:
             self._handles.append(self.input_point.register_forward_hook(self._input_fwd))
         for site in sorted(self.sites & set(MODEL_SITES)):
             self._handles.append(acc.add_forward_hook(site, None, _bind(self._model_fwd, site)))
@@ -314,7 +312,7 @@ class Capture:
             objective = next_token_loss(attention_mask)
         self._batch = batch
         call_inputs = inputs
-        if self.gradients and (float_input or self.input_hook is None):
+        if self.gradients and (float_input or self.input_point is None):
             if not float_input:
                 raise ModelError(
                     f"{type(self.model).__name__} has no hook_embed to start the gradient path from; "
