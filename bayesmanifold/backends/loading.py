@@ -200,6 +200,13 @@ def gguf_to_hf_directory(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"GGUF file {str(p)!r} does not exist")
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{p.stem}-{key}"
+    if (out / "config.json").is_file():
+        # converted before from this very file (same path, size and modification time), so its header was
+        # checked then; parsing the metadata again would cost seconds on every open
+        return out
     meta = _gguf_fields(p)
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -211,11 +218,6 @@ def gguf_to_hf_directory(path: str | os.PathLike) -> Path:
     if not meta["tokenizer"]:
         raise ModelError(f"{str(p)!r} has no tokenizer in its metadata (tokenizer.ggml.model); "
                          "convert the model to a HuggingFace directory instead")
-    st = p.stat()
-    key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{p.stem}-{key}"
-    if (out / "config.json").is_file():
-        return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
