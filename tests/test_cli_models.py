@@ -115,3 +115,20 @@ def test_bad_models_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "cache").exists()  # refused before any work: nothing converted
+
+
+def test_prepare_converts_a_gguf_file_once_and_later_opens_read_the_cache(gguf_file, tmp_path, capsys, monkeypatch):
+    assert main(["prepare", str(gguf_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{gguf_file}: ") and "layers x" in out and "key/value heads" in out
+    cached = [d for d in (tmp_path / "cache" / "gguf").iterdir() if (d / "config.json").is_file()]
+    assert len(cached) == 1
+    # a cached conversion is read without parsing the GGUF file again
+    import bayesmanifold.backends.loading as loading
+
+    def no_parse(path):
+        raise AssertionError("the GGUF header was parsed again although the conversion is cached")
+
+    monkeypatch.setattr(loading, "_gguf_fields", no_parse)
+    assert main(["prepare", str(gguf_file)]) == 0
+    assert [d for d in (tmp_path / "cache" / "gguf").iterdir()] == cached
