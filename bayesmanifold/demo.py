@@ -1,4 +1,4 @@
-"""The demo: the papers' claims tested on our trained bijection model, plus Paper II's EM-vs-SGD run.
+"""The demo: the papers' claims tested on our trained bijection model, Paper II's EM-vs-SGD run and a pretrained LLM.
 
 One call of the report (:func:`bayesmanifold.report.build_report`) with the demo's settings: the
 shipped ``bijection-v20`` checkpoint and the live EM-like vs SGD experiment beside the recorded
@@ -28,10 +28,10 @@ def demo_config(
     quick: bool = False,
     progress: bool = True,
 ) -> ReportConfig:
-    """The demo's report settings: ``checkpoint`` with the EM-vs-SGD experiment and the recorded
-    induction-head dynamics of the real-text model."""
+    """The demo's report settings: ``checkpoint`` with the EM-vs-SGD experiment, the recorded
+    induction-head dynamics of the real-text model and the pretrained LLM SmolLM2-135M."""
     return ReportConfig(target=checkpoint, out=out, device=device, seed=seed, quick=quick, em_vs_sgd=True,
-                        induction=True, progress=progress)
+                        induction=True, pretrained=True, progress=progress)
 
 
 def run_demo(**kwargs: Any) -> tuple[Path, dict[str, Any]]:

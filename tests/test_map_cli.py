@@ -136,7 +136,7 @@ def test_map_of_a_tokenizer_model(hf_gpt2_dir, tmp_path):
     assert [(h["layer"], h["head"]) for h in d["heads"]] == [(0, 0)]
 
 
-SMOL_PROMPT = Path(__file__).resolve().parents[1] / "docs" / "map_prompt_smollm2.txt"
+SMOL_PROMPT = Path(__file__).resolve().parents[1] / "bayesmanifold" / "report" / "smollm2_prompt.txt"
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..suite import SuiteConfig, Target, has_exact_posterior, load_target, run_suite
 from .claims import judge_claims
 from .document import Report, Section, figure_png, section
+from .pretrained import pretrained_llm
 from .texts import (
     ADVANTAGE_COLUMNS,
     EM_HOW,
@@ -60,6 +61,7 @@ class ReportConfig:
         em_vs_sgd: also run Paper II's EM-like vs SGD experiment with its controls.
         induction: also show the recorded induction-head dynamics of the real-text model
             ``stdlib-attn2``, with its final induction scores re-measured live.
+        pretrained: also measure the pretrained LLM ``smollm2-135m`` (see :mod:`.pretrained`).
         progress: show a progress bar.
     """
 
@@ -72,6 +74,7 @@ class ReportConfig:
     prompts: str | None = None
     em_vs_sgd: bool = False
     induction: bool = False
+    pretrained: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -81,7 +84,7 @@ class ReportConfig:
         dev, _, index = str(self.device).partition(":")
         if dev not in ("cpu", "cuda", "mps") or (index and (dev != "cuda" or not index.isdigit())):
             raise ConfigError(f"device must be cpu, cuda, cuda:N or mps; got {self.device!r}")
-        for name in ("quick", "em_vs_sgd", "progress"):
+        for name in ("quick", "em_vs_sgd", "induction", "pretrained", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
         self.suite_config()  # validates seed and prompts
@@ -118,7 +121,7 @@ def build_report(config: ReportConfig) -> tuple[Path, dict[str, Any]]:
     summary: dict[str, Any] = {"target": str(config.target), "quick": config.quick, "seed": config.seed}
     sections: list[Section] = []
     timings: dict[str, float] = {}
-    n_stages = 4 + int(config.em_vs_sgd) + int(config.induction)
+    n_stages = 4 + int(config.em_vs_sgd) + int(config.induction) + int(config.pretrained)
     t0 = time.perf_counter()
     target = _load(config)  # before the progress bar: a target that cannot be loaded is one line on stderr
     summary.update(_describe(target))
@@ -152,6 +155,9 @@ def build_report(config: ReportConfig) -> tuple[Path, dict[str, Any]]:
         if config.induction:
             with stage("induction heads"):
                 add(induction_heads())
+        if config.pretrained:
+            with stage("pretrained LLM"):
+                add(pretrained_llm(device=config.device))
     summary["stage_seconds"] = timings
     findings = judge_claims(summary)
     summary["claims"] = [asdict(f) for f in findings]

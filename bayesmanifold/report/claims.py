@@ -220,6 +220,15 @@ def _induction_routing(m: Measured, t: Mapping[str, float]) -> Verdict:
                    f"{d['score_live']:.3f}")
 
 
+def _pretrained_laws(m: Measured, t: None) -> Verdict:
+    d = m["pretrained"]
+    return Verdict(bool(d["routing_law_holds"]) and d["n_heads_tested"] == d["n_heads_total"],
+                   f"holds on {d['n_heads_tested']} of {d['n_heads_total']} heads; largest residual "
+                   f"{d['max_terms_residual_dscores']:.1e} of a row's summed terms; value law max |Δ| "
+                   f"{d['max_abs_residual_dvalues']:.1e}",
+                   f"{d['model']}, float32, {d['n_tokens']} tokens of real code; tolerance per query row at float32 round-off")
+
+
 # ------------------------------------------------------------------------------------- table
 CLAIMS: tuple[Claim, ...] = (
     Claim("routing_law", "Routing law ∂L/∂s_ij = α_ij(b_ij − b̄_i) holds on every head",
@@ -251,6 +260,9 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("induction_routing", "Real text: the routing force on an induction head points where its attention goes next",
           "predicted by the routing law (Paper II, §3); not measured in the papers",
           {"r_force": 0.0, "sign_agree": 0.5}, _induction_routing, ("induction/phase_summary",)),
+    Claim("pretrained_laws", "A pretrained LLM: the routing and value laws hold on every head",
+          "exact identities (Paper II, §3); not measured on pretrained models in the papers", None,
+          _pretrained_laws, ("pretrained/routing_law_holds",)),
 )
 
 
