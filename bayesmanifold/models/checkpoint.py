@@ -193,6 +193,19 @@ def resolve_checkpoint(path_or_name: "str | Path") -> Path:
     )
 
 
+def declared_config(d: "str | Path") -> dict | None:
+    """The ``config.json`` of directory ``d`` when it declares the bayesmanifold checkpoint format
+    (any version), else None: the one lenient reader (a HuggingFace directory's config.json, an
+    unreadable file or no file at all is "not ours", never an error)."""
+    try:
+        cfg = json.loads((Path(d) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not str(cfg.get("format", "")).startswith(FORMAT.rsplit("/", 1)[0]):
+        return None
+    return cfg
+
+
 def read_config(path_or_name: "str | Path") -> dict:
     """The ``config.json`` of a checkpoint, validated."""
     d = resolve_checkpoint(path_or_name)
@@ -252,10 +265,10 @@ def refuse_unusable(spec: "str | Path", *, command: str, exact_posterior: bool =
     """
     try:
         d = resolve_checkpoint(spec)
-        cfg = json.loads((d / CONFIG).read_text(encoding="utf-8"))
-    except (CheckpointError, OSError, ValueError):
+    except CheckpointError:
         return
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    cfg = declared_config(d)
+    if cfg is None or cfg.get("format") != FORMAT:
         return
     if not cfg.get("complete"):
         total = (cfg.get("train") or {}).get("steps")

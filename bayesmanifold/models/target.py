@@ -17,7 +17,6 @@ Example:
 
 import contextlib
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,18 +52,6 @@ class Target:
         return "checkpoint" if self.checkpoint_dir is not None else "model"
 
 
-def _declares_checkpoint(d: Path) -> bool:
-    """A directory whose config.json declares the bayesmanifold checkpoint format."""
-    f = d / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("bayesmanifold.checkpoint")
-
-
 def checkpoint_dir_of(spec: str) -> Path | None:
     """The checkpoint directory a spec names (a shipped name or a directory of ours), else None."""
     from . import checkpoint as ck
@@ -73,7 +60,7 @@ def checkpoint_dir_of(spec: str) -> Path | None:
         d = ck.resolve_checkpoint(spec)
     except CheckpointError:
         return None
-    return d if _declares_checkpoint(d) else None
+    return d if ck.declared_config(d) is not None else None
 
 
 def open_target(spec: str, *, task: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
