@@ -65,14 +65,18 @@ def test_map_of_the_shipped_stdlib_model_by_name(tmp_path):
 
 def test_map_errors_are_one_line_and_come_first(tmp_path, capsys):
     out = str(tmp_path / "m.html")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "d.npz").mkdir()  # where the matrices of --json d.json would go
     cases = [
         (["map", "toy", "--prompt", "", "--out", out], "empty"),
         (["map", "toy", "--prompt", "x" * 129, "--out", out], "n_ctx=128"),
         (["map", "toy", "--prompt", "abc", "--heads", "0.9", "--out", out], "head 9 is out of range"),
         (["map", "toy", "--prompt", "abc", "--heads", "7.0", "--out", out], "layer 7 is out of range"),
-        (["map", "toy", "--prompt", "abc", "--out", str(tmp_path / "no" / "m.html")], "does not exist"),
+        (["map", "toy", "--prompt", "abc", "--out", str(blocker / "m.html")], "is a file, not a directory"),
         (["map", "toy", "--prompt", "abc", "--out", str(tmp_path)], "is a directory"),
-        (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(tmp_path / "no" / "m.json")], "--json"),
+        (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(blocker / "m.json")], "--json"),
+        (["map", "toy", "--prompt", "abc", "--out", out, "--json", str(tmp_path / "d.json")], "--json's .npz"),
         (["map", "toy", "--prompt-file", str(tmp_path / "missing.txt"), "--out", out], "does not exist"),
         (["map", "toy", "--prompt", "abc", "--objective", "pos:5", "--out", out], "positions"),
         (["map", "toy", "--prompt", "abc", "--top", "0", "--out", out], "--top"),
@@ -85,7 +89,7 @@ def test_map_errors_are_one_line_and_come_first(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith("bayesmanifold map: error:") and match in err, (argv, err)
-    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    assert sorted(tmp_path.iterdir()) == [blocker, tmp_path / "d.npz"]  # nothing written, not even a temporary file
 
 
 def test_map_page_draws_in_chromium(toy_map, tmp_path):

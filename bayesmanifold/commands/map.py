@@ -68,18 +68,6 @@ def npz_path(json_path: str) -> str:
     return str(p.with_suffix(".npz"))
 
 
-def check_writable(path: str, what: str) -> None:
-    """Raise InputError unless ``path`` can be created or overwritten as a file."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise InputError(f"{what} {path!r} is a directory; give a file path")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {what} {path!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise InputError(f"cannot write {what} {path!r}: permission denied")
-
-
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         text = args.prompt
@@ -100,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
     from ..analyses import routing_maps as rm
     from ..analyses.routing_map_result import rank_value
 
-    check_writable(args.out, "--out")
-    if args.json:
-        check_writable(args.json, "--json")
-        check_writable(npz_path(args.json), "--json's .npz")
+    if args.json:  # --out and --json were checked as the command line was parsed; the .npz beside --json here
+        try:
+            output_file(npz_path(args.json))
+        except argparse.ArgumentTypeError as exc:
+            raise InputError(f"--json's .npz: {exc}") from None
     prompt = read_prompt(args)
     from ..models.checkpoint import refuse_unusable
 
