@@ -19,7 +19,7 @@ from .config import ScanConfig
 from .data import TokenStream, read_corpus
 from .measures import DEFAULT_MEASURES, MEASURES, ValueManifoldHeads, ValueUpdateNorms
 from .merge import merge_runs
-from .result import ScanResult
+from .result import ScanResult, scan_differences
 from .scan import scan
 from .state import decode_state, encode_state, restore_state
 
@@ -37,4 +37,5 @@ __all__ = [
     "read_corpus",
     "restore_state",
     "scan",
+    "scan_differences",
 ]

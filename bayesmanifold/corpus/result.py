@@ -1,7 +1,10 @@
 """The result of a corpus scan: one row per (layer, head) and a JSON summary."""
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,7 +12,7 @@ import numpy as np
 from ..errors import InputError
 from .measures import MEASURES
 
-__all__ = ["ScanResult", "build_result", "HEATMAP_STATS"]
+__all__ = ["ScanResult", "build_result", "scan_differences", "HEATMAP_STATS"]
 
 #: statistics drawn as layer × head heatmaps (those present in a scan): (column, title, log scale)
 HEATMAP_STATS = (
@@ -130,3 +133,57 @@ def build_result(accumulators: dict[str, Any], summary: dict[str, Any]) -> ScanR
         "measure_summaries": measure_summaries,
     }
     return ScanResult(rows=rows, summary=full, results=results)
+
+
+def _heads_of(scan: "ScanResult | dict | str | os.PathLike") -> dict[tuple[int, int], dict[str, Any]]:
+    if isinstance(scan, ScanResult):
+        rows = scan.rows
+    elif isinstance(scan, dict):
+        rows = scan.get("heads", [])
+    else:
+        p = Path(scan)
+        f = p / "summary.json" if p.is_dir() else p
+        if not f.is_file():
+            raise InputError(f"{str(scan)!r} is neither a scan directory (with summary.json) nor a scan's JSON file")
+        try:
+            rows = json.loads(f.read_text(encoding="utf-8")).get("heads", [])
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InputError(f"cannot read the scan summary {str(f)!r}: {exc}") from None
+    if not rows:
+        raise InputError(f"the scan {scan if not isinstance(scan, ScanResult) else 'result'} holds no per-head rows")
+    return {(int(r["layer"]), int(r["head"])): r for r in rows}
+
+
+def scan_differences(a: "ScanResult | dict | str | os.PathLike", b: "ScanResult | dict | str | os.PathLike") -> dict[str, float]:
+    """How far two scans of the same corpus agree (e.g. one process and ``torchrun``, or a merge):
+    for every numeric per-head column, the largest relative difference over heads,
+    ``|x_a − x_b| / max(|x_a|, |x_b|)`` (0 where both are 0; NaN in both counts as equal, in one
+    as 1). Each argument is a :class:`ScanResult`, its :meth:`~ScanResult.to_dict`, a scan's
+    output directory or its JSON file.
+
+    Raises:
+        InputError: a scan that cannot be read, or scans of different heads.
+    """
+    ha, hb = _heads_of(a), _heads_of(b)
+    if set(ha) != set(hb):
+        raise InputError(f"the scans measured different heads ({len(ha)} and {len(hb)}; "
+                         f"{len(set(ha) ^ set(hb))} differ): compare scans of the same model and layers")
+    out: dict[str, float] = {}
+    for col in ha[next(iter(ha))]:
+        if col in ("layer", "head"):
+            continue
+        worst = 0.0
+        for key, ra in ha.items():
+            x, y = ra.get(col), hb[key].get(col)
+            if isinstance(x, bool) and isinstance(y, bool):
+                worst = max(worst, float(x != y))
+                continue
+            if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, int | float) or not isinstance(y, int | float):
+                continue
+            if math.isnan(x) or math.isnan(y):
+                worst = max(worst, 0.0 if math.isnan(x) and math.isnan(y) else 1.0)
+                continue
+            scale = max(abs(x), abs(y))
+            worst = max(worst, abs(x - y) / scale if scale > 0 else 0.0)
+        out[col] = worst
+    return out

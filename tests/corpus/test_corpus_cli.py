@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bayesmanifold.cli import main
+from bayesmanifold.errors import InputError
 
 ARGS = ["--dtype", "float64", "--seq-len", "32", "--batch-size", "2", "--max-tokens", "320", "--no-figures"]
 
@@ -121,3 +122,21 @@ def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, keep_rng, capsys, ex
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("bayesmanifold scan: error:") and needle in err
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_scan_differences_reads_results_dicts_and_files(tmp_path):
+    from bayesmanifold.corpus import scan_differences
+
+    a = {"heads": [{"layer": 0, "head": 0, "x": 1.0, "ok": True, "n": float("nan")},
+                   {"layer": 0, "head": 1, "x": 0.0, "ok": True, "n": float("nan")}]}
+    b = {"heads": [{"layer": 0, "head": 1, "x": 0.0, "ok": True, "n": float("nan")},
+                   {"layer": 0, "head": 0, "x": 1.0 + 1e-6, "ok": True, "n": float("nan")}]}
+    d = scan_differences(a, b)
+    assert d["x"] == pytest.approx(1e-6 / (1 + 1e-6)) and d["ok"] == 0.0 and d["n"] == 0.0
+    b["heads"][0]["ok"] = False
+    (tmp_path / "summary.json").write_text(json.dumps(b))
+    assert scan_differences(a, tmp_path)["ok"] == 1.0  # a scan directory holding summary.json
+    with pytest.raises(InputError, match="different heads"):
+        scan_differences(a, {"heads": a["heads"][:1]})
+    with pytest.raises(InputError, match="neither a scan directory"):
+        scan_differences(a, tmp_path / "nope")
