@@ -28,7 +28,9 @@ query's last token (the ``":"``), the final layer's values (per kv head, concate
 standardised per coordinate, PCA across the prompts of a condition; PC1's sign is chosen so that
 it correlates positively with the analytic entropy. Reported: ρ(k, mean PC1) over the k values and
 per prompt, and |ρ(PC1, analytic entropy)| (Spearman; Pearson, the authors' script's, beside it;
-Paper III: 0.65–0.80).
+Paper III: 0.65–0.80). Because the analytic entropy falls with k, an axis that only counted the
+examples would correlate with it too: the result also gives |ρ(k, analytic entropy)| (what k
+alone achieves) and ρ(PC1, analytic entropy) within each k (where only the evidence varies).
 
 Controls (``controls=True``), on the same carriers, pairs and latent labels:
 

@@ -134,10 +134,20 @@ class SulaCondition:
             out[k]["pc1_std"] = float(np.std(self.pc1[self.k == k]))
         return out
 
+    def within_k(self, against: str = "analytic_entropy") -> dict[int, float | None]:
+        """Per k, Spearman ρ(PC1, ``against``) among that k's prompts (None where it is constant).
+
+        The analytic entropy falls with k, so a PC1 that only counted the examples would still
+        correlate with it across k; within one k the count is fixed and only the evidence varies."""
+        x = getattr(self, against)
+        return {k: _f(spearman(self.pc1[self.k == k], x[self.k == k])) for k in self.ks}
+
     def summary(self) -> dict[str, Any]:
         by_k = self.by_k()
         ks = sorted(by_k)
         rho = spearman(self.pc1, self.analytic_entropy)
+        within = self.within_k("evidence_entropy")
+        defined = [(by_k[k]["n"], v) for k, v in within.items() if v is not None]
         return {
             "n_prompts": len(self.texts),
             "entropy_mae_bits": self.entropy_mae_bits,
@@ -153,6 +163,10 @@ class SulaCondition:
             "abs_rho_pc1_analytic_entropy": _f(abs(rho)),
             "pearson_pc1_analytic_entropy": _f(pearson(self.pc1, self.analytic_entropy)),
             "rho_pc1_model_entropy": _f(spearman(self.pc1, self.model_entropy)),
+            "abs_rho_k_analytic_entropy": _f(abs(spearman(self.k.astype(float), self.analytic_entropy))),
+            "rho_pc1_evidence_entropy_within_k": within,
+            "rho_pc1_evidence_entropy_within_k_mean": (
+                _f(sum(n * v for n, v in defined) / sum(n for n, _ in defined)) if defined else None),
             "pc1_share": self.manifold.pc1_share,
             "pc12_share": self.manifold.pc12_share,
         }
@@ -221,6 +235,7 @@ class SulaResult:
                  "model_p_latent_by_k": s["model_p_latent_by_k"],
                  "shared_pc1_mean_by_k": _by_k(c.k, self.shared_pc1[name]),
                  "rho_pc1_evidence_entropy": _f(spearman(c.pc1, c.evidence_entropy)),
+                 "rho_pc1_evidence_entropy_within_k_mean": s["rho_pc1_evidence_entropy_within_k_mean"],
                  "rho_k_mean_pc1": s["rho_k_mean_pc1"]}
             if name == "lexical_remap":
                 d["mean_abs_entropy_diff_vs_main"] = float(np.mean(np.abs(c.model_entropy - main.model_entropy)))

@@ -100,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"labels scored as whole words ({len(multi)} of {len(s['label_tokens'])} are several tokens)")
     print(f"entropy MAE {s['entropy_mae_bits']:.3f} bits (Paper III: 0.44 Pythia-410M, 0.36 Llama-3.2-1B, 0.31 Phi-2)")
     print(f"rho(k, mean PC1) {_fmt(s['rho_k_mean_pc1'])}; |rho(PC1, analytic entropy)| {_fmt(s['abs_rho_pc1_analytic_entropy'])} "
-          f"(Paper III: 0.65-0.80); PC1 = {s['pc1_share']:.1%} of the variance of {s['feature_kind']}")
+          f"(Paper III: 0.65-0.80); PC1 = {s['pc1_share']:.1%} of the variance of {s['feature_kind']} "
+          "(PC1 oriented to grow with the entropy)")
+    print(f"the count control: k alone gives |rho(k, analytic entropy)| {_fmt(s['abs_rho_k_analytic_entropy'])}; within one k, "
+          f"mean rho(PC1, analytic entropy) {_fmt(s['rho_pc1_evidence_entropy_within_k_mean'])}")
     for name, c in s["controls"].items():
         extra = (f", mean |dH| vs main {c['mean_abs_entropy_diff_vs_main']:.3f} bits" if name == "lexical_remap" else
                  f", MAE vs the counts' posterior {c['evidence_mae_bits']:.3f} bits")

@@ -139,6 +139,12 @@ def test_sula_on_a_toy_model(model):
     assert s["analytic_entropy_by_k"][0] == 1.0 and s["analytic_entropy_by_k"][1] == pytest.approx(0.4689955935892812)
     assert s["rho_pc1_analytic_entropy"] is None or s["rho_pc1_analytic_entropy"] >= 0  # PC1 oriented
     assert set(s["controls"]) == {"shuffled", "lexical_remap"}
+    from bayesmanifold.analyses.stats import spearman
+
+    assert s["abs_rho_k_analytic_entropy"] == pytest.approx(abs(spearman(m.k, m.analytic_entropy)))
+    assert s["rho_pc1_evidence_entropy_within_k"][0] is None  # one entropy (1 bit) at k = 0
+    at3 = m.k == 3
+    assert s["rho_pc1_evidence_entropy_within_k"][3] == pytest.approx(spearman(m.pc1[at3], m.evidence_entropy[at3]))
     assert s["label_tokens"]["zorb"] == 5  # bytes of " zorb": scored as a whole word
     assert s["paper3"]["entropy_mae_bits"]["Phi-2"] == 0.31
     d = json.loads(json.dumps(res.to_dict()))
