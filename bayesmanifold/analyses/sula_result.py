@@ -296,8 +296,9 @@ class SulaResult:
                 bk = c.by_k()
                 ks = sorted(bk)
                 ax.plot(ks, [bk[k]["model_entropy"] for k in ks], "o-", color=f"C{i}", label=f"model, {name}")
-                ax.plot(ks, [bk[k]["analytic_entropy"] for k in ks], "s--", color=f"C{i}", alpha=0.6,
-                        label=f"analytic, {name}")
+                if name == "main" or not np.array_equal(c.analytic_entropy, self.main.analytic_entropy):
+                    ax.plot(ks, [bk[k]["analytic_entropy"] for k in ks], "s--", color=f"C{i}", alpha=0.6,
+                            label=f"analytic, {name}")
             ax.set_xlabel("k (examples)")
             ax.set_ylabel("posterior entropy (bits)")
             ax.set_title(f"entropy MAE {self.main.entropy_mae_bits:.3f} bits (Paper III: 0.31–0.44)", fontsize=9)
