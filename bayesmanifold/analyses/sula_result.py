@@ -153,6 +153,9 @@ class SulaCondition:
             "entropy_mae_bits": self.entropy_mae_bits,
             "entropy_mae_by_k": {k: by_k[k]["entropy_mae"] for k in ks},
             "evidence_mae_bits": self.evidence_mae_bits,
+            # reference predictors: always certain (H = 0) and always uniform (H = 1 bit)
+            "mae_if_always_certain_bits": float(np.mean(self.analytic_entropy)),
+            "mae_if_always_uniform_bits": float(np.mean(1.0 - self.analytic_entropy)),
             "model_entropy_by_k": {k: by_k[k]["model_entropy"] for k in ks},
             "analytic_entropy_by_k": {k: by_k[k]["analytic_entropy"] for k in ks},
             "model_p_latent_by_k": {k: by_k[k]["model_p_latent"] for k in ks},

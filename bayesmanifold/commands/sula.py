@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     multi = sorted(w for w, n in s["label_tokens"].items() if n > 1)
     if multi:
         print(f"labels scored as whole words ({len(multi)} of {len(s['label_tokens'])} are several tokens)")
-    print(f"entropy MAE {s['entropy_mae_bits']:.3f} bits (Paper III: 0.44 Pythia-410M, 0.36 Llama-3.2-1B, 0.31 Phi-2)")
+    print(f"entropy MAE {s['entropy_mae_bits']:.3f} bits (Paper III: 0.44 Pythia-410M, 0.36 Llama-3.2-1B, 0.31 Phi-2); "
+          f"a model always certain would score {s['mae_if_always_certain_bits']:.3f}, always uniform "
+          f"{s['mae_if_always_uniform_bits']:.3f}")
     print(f"rho(k, mean PC1) {_fmt(s['rho_k_mean_pc1'])}; |rho(PC1, analytic entropy)| {_fmt(s['abs_rho_pc1_analytic_entropy'])} "
           f"(Paper III: 0.65-0.80); PC1 = {s['pc1_share']:.1%} of the variance of {s['feature_kind']} "
           "(PC1 oriented to grow with the entropy)")

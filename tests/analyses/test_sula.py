@@ -136,6 +136,10 @@ def test_sula_on_a_toy_model(model):
     s = res.summary()
     assert set(s["entropy_mae_by_k"]) == {0, 1, 3}
     assert s["entropy_mae_bits"] == pytest.approx(np.mean(np.abs(m.model_entropy - m.analytic_entropy)))
+    # references by hand: 4 prompts at each k of 0, 1, 3; H = 1 at k = 0, 0.469 at k = 1, 0.469 or 0.0015 at k = 3
+    h3 = binary_entropy_bits(analytic_posterior(m.n_a[m.k == 3], m.n_b[m.k == 3]))
+    assert s["mae_if_always_certain_bits"] == pytest.approx((4 + 4 * 0.4689955935892812 + h3.sum()) / 12)
+    assert s["mae_if_always_uniform_bits"] == pytest.approx(1 - s["mae_if_always_certain_bits"])
     assert s["analytic_entropy_by_k"][0] == 1.0 and s["analytic_entropy_by_k"][1] == pytest.approx(0.4689955935892812)
     assert s["rho_pc1_analytic_entropy"] is None or s["rho_pc1_analytic_entropy"] >= 0  # PC1 oriented
     assert set(s["controls"]) == {"shuffled", "lexical_remap"}
