@@ -309,10 +309,12 @@ class SulaResult:
             m = self.main
             sc = ax.scatter(m.analytic_entropy, m.pc1, c=m.k, cmap="viridis", s=12)
             ax.figure.colorbar(sc, ax=ax, label="k")
-            rho = m.summary()["abs_rho_pc1_analytic_entropy"]
+            ms = m.summary()
+            rho, within = ms["abs_rho_pc1_analytic_entropy"], ms["rho_pc1_evidence_entropy_within_k_mean"]
             ax.set_xlabel("analytic entropy (bits)")
             ax.set_ylabel(f"PC1 of values, layer {self.layer}")
-            ax.set_title(f"|ρ(PC1, entropy)| = {rho if rho is None else round(rho, 2)} (Paper III: 0.65–0.80)", fontsize=9)
+            ax.set_title(f"|ρ(PC1, entropy)| = {rho if rho is None else round(rho, 2)} (Paper III: 0.65–0.80); "
+                         f"within one k: {within if within is None else round(within, 2)}", fontsize=9)
             return ax
         else:
             for i, (name, c) in enumerate(self.conditions.items()):
@@ -322,6 +324,6 @@ class SulaResult:
                             capsize=3, color=f"C{i}", label=name)
             ax.set_xlabel("k (examples)")
             ax.set_ylabel("PC1 (shared PCA), mean ± sd")
-            ax.set_title("movement along PC1 with the evidence", fontsize=9)
+            ax.set_title("PC1 by k, one PCA over the conditions", fontsize=9)
         ax.legend(fontsize=7)
         return ax
