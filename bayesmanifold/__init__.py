@@ -48,6 +48,7 @@ _WHERE = {
     "DynamicsMonitor": ".analyses",
     "replay": ".analyses",
     "paper3_protocol": ".analyses",
+    "sula_test": ".analyses",
     "RoutingMapAccumulator": ".analyses",
     "routing_map": ".analyses",
     "induction_scores": ".analyses",

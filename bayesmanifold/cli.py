@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "report",
     "verify",
     "analyze",
+    "sula",
     "train",
     "calibrate",
     "checkpoints",

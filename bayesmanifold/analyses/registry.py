@@ -71,6 +71,8 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("dynamics_result", "the two timescales' result value", "dynamics", ("DynamicsResult",)),
     Measurement("paper3", "Paper III's geometry at the final token of prompts", "paper3",
                 ("Paper3Result", "paper3_protocol"), figure="paper3", result_field="paper3"),
+    Measurement("sula", "in-context Bayesian updating on noisy labels (Paper III's SULA)", "sula",
+                ("SulaConfig", "SulaResult", "sula_test")),
     Measurement("routing_map", "per head and token: α, A and the routing force", "routing_maps",
                 ("RoutingMap", "RoutingMapAccumulator", "routing_map")),
     Measurement("induction", "induction scores per head", "induction", ("InductionResult", "induction_scores")),
