@@ -18,9 +18,10 @@ the criterion is untested, ``criteria["value_manifold"]`` is None and
 ``value_manifold_untested`` says why); (2) key orthogonality < 0.20 in ≥ 50% of layers; (3) > 30%
 attention-entropy reduction first → last layer.
 
-Prompts run one at a time (no padding, so the final token is the last position), each in one
-forward-only capture pass that delivers the values and patterns of every layer and the logits
-(for the next-token entropy). A model without a tokenizer but with d_vocab ≥ 256 reads prompts as
+Prompts run in right-padded batches of ``batch_size`` (a causal model's real positions never see
+the padding; each prompt is scored at its own final token; ``batch_size=1`` runs them one at a
+time, unpadded), each batch in one forward-only capture pass that delivers the values, keys and
+patterns of every layer and the logits (for the next-token entropy). A model without a tokenizer but with d_vocab ≥ 256 reads prompts as
 UTF-8 bytes (as the toy models do).
 
 With fewer prompts than value features (n ≤ d) the per-layer PCA is rank-limited and the shares
@@ -211,6 +212,7 @@ def paper3_protocol(
     max_prompts: int | None = None,
     protocol: str = "ours",
     n_boot: int = 1000,
+    batch_size: int = 8,
 ) -> Paper3Result:
     """Run Paper III's measurements on ``model`` over ``prompts`` (a file path, a shipped set's
     name such as ``"paper3-smollm2"``, or a list of strings).
@@ -233,6 +235,8 @@ def paper3_protocol(
         raise InputError(f"protocol must be 'ours' or 'authors'; got {protocol!r}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
         raise InputError(f"n_boot must be an int >= 0; got {n_boot!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an int >= 1; got {batch_size!r}")
     access = model_access(model)
     if isinstance(prompts, str) and not Path(prompts).exists() and prompts not in PROMPT_SETS:
         raise InputError(f"prompts {prompts[:60]!r} names no file: give the path of a prompts file (one prompt per line, "
@@ -270,10 +274,14 @@ def paper3_protocol(
         extra = [FeatureAccumulator(kind="values_concat", layer=layer_list[-1], output_scalar=_next_token_entropy, dtype=torch.float64),
                  FinalTokenKeyCosAccumulator(layer_list, access.n_heads, access.n_kv_heads)]
     with capture(model, accumulators=[*values, ent_acc, *extra], layers=layer_list) as cap:
-        for t in toks_list:
-            last = torch.zeros(t.shape, dtype=torch.bool)
-            last[:, -1] = True
-            cap.run(Batch(tokens=t, positions=last))
+        for s in range(0, len(toks_list), batch_size):  # right padding: a causal model's real positions never see it
+            chunk = toks_list[s:s + batch_size]
+            toks = torch.zeros(len(chunk), max(t.shape[1] for t in chunk), dtype=torch.long)
+            last = torch.zeros(toks.shape, dtype=torch.bool)
+            for j, t in enumerate(chunk):
+                toks[j, : t.shape[1]] = t[0]
+                last[j, t.shape[1] - 1] = True
+            cap.run(Batch(tokens=toks, positions=last))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankLimitedWarning)  # one warning below, not one per layer
         res = [a.finalize() for a in values]

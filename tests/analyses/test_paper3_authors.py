@@ -94,3 +94,14 @@ def test_analyze_cli_authors_on_prompts(hf_llama_dir, tmp_path, capsys):
     assert "authors' protocol beside ours" in printed and "k/v reshaping" in printed
     res = json.loads(out.read_text())
     assert res["authors"]["n_prompts"] == 5 and len(res["authors"]["key_cos_kv"]) == len(res["key_orthogonality"])
+
+
+def test_right_padded_batches_equal_one_prompt_at_a_time(model):
+    one = paper3_protocol(model, PROMPTS, protocol="authors", n_boot=0, batch_size=1)
+    four = paper3_protocol(model, PROMPTS, protocol="authors", n_boot=0, batch_size=3)
+    for name in ("pc1", "pc12", "participation_ratio", "attention_entropy"):
+        np.testing.assert_allclose(getattr(four, name), getattr(one, name), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(four.authors.key_cos_kv, one.authors.key_cos_kv, rtol=1e-5)
+    np.testing.assert_allclose(four.authors.value_manifold["entropy_nats"], one.authors.value_manifold["entropy_nats"], rtol=1e-5)
+    with pytest.raises(InputError, match="batch_size"):
+        paper3_protocol(model, PROMPTS, batch_size=0)

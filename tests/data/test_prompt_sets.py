@@ -86,3 +86,16 @@ def test_bad_jsonl_is_refused(tmp_path):
     f.write_text('{"prompt": "no text key"}\n')
     with pytest.raises(InputError, match="no string 'text'"):
         read_prompts(f)
+
+
+def test_analyze_takes_a_shipped_set_by_name(capsys):
+    import argparse
+
+    from bayesmanifold.commands import analyze
+
+    p = argparse.ArgumentParser()
+    analyze.add_arguments(p)
+    assert p.parse_args(["toy", "--prompts", "paper3-smollm2"]).prompts == "paper3-smollm2"
+    with pytest.raises(SystemExit):
+        p.parse_args(["toy", "--prompts", "paper3-nothing"])
+    assert "does not exist" in capsys.readouterr().err
