@@ -4,7 +4,9 @@ On a wind-tunnel checkpoint (or a model given with ``--task``): key orthogonalit
 hypothesis-token keys, the value manifold at the scored positions coloured by Bayes entropy,
 attention focusing, query–key alignment, value specialization over position buckets and, where
 the checkpoint has a dynamics-monitor state or weight snapshots, the frame/precision stabilisation
-steps. On a pretrained model with ``--prompts``: Paper III's protocol at each prompt's final token.
+steps. On a pretrained model with ``--prompts`` (a file, or a shipped set such as ``paper3-smollm2``):
+Paper III's protocol at each prompt's final token; with ``--protocol authors`` also the variant of
+the authors' LLM pipeline (:mod:`bayesmanifold.analyses.paper3_authors`), printed beside ours.
 """
 
 import argparse
