@@ -18,9 +18,10 @@ the criterion is untested, ``criteria["value_manifold"]`` is None and
 ``value_manifold_untested`` says why); (2) key orthogonality < 0.20 in ≥ 50% of layers; (3) > 30%
 attention-entropy reduction first → last layer.
 
-Prompts run one at a time (no padding, so the final token is the last position), each in one
-forward-only capture pass that delivers the values and patterns of every layer and the logits
-(for the next-token entropy). A model without a tokenizer but with d_vocab ≥ 256 reads prompts as
+Prompts run in right-padded batches of ``batch_size`` (a causal model's real positions never see
+the padding; each prompt is scored at its own final token; ``batch_size=1`` runs them one at a
+time, unpadded), each batch in one forward-only capture pass that delivers the values, keys and
+patterns of every layer and the logits (for the next-token entropy). A model without a tokenizer but with d_vocab ≥ 256 reads prompts as
 UTF-8 bytes (as the toy models do).
 
 With fewer prompts than value features (n ≤ d) the per-layer PCA is rank-limited and the shares
@@ -47,9 +48,15 @@ from .attention import AttentionEntropyAccumulator
 from .features import FeatureAccumulator
 from .keys import key_orthogonality
 from .manifold import ManifoldAccumulator, RankLimitedWarning
+from .paper3_authors import (
+    FinalTokenKeyCosAccumulator,
+    Paper3AuthorsResult,
+    authors_gqa_reshape,
+    finalize_authors,
+)
 from .stats import entropy
 
-__all__ = ["Paper3Result", "paper3_protocol", "read_prompts", "tokenize_prompt"]
+__all__ = ["Paper3Result", "paper3_protocol", "read_prompts", "tokenize_prompt", "stratified_subset", "smollm2_signature"]
 
 PC_THRESHOLD = 0.30
 KEY_ORTH_THRESHOLD = 0.20
@@ -58,10 +65,16 @@ ENTROPY_REDUCTION_THRESHOLD = 0.30
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file, one per line (blank lines skipped)."""
+    """Prompts from a text file (one per line, blank lines skipped), a ``.jsonl`` file (one object
+    with a ``text`` per line) or a shipped set's name (``paper3-smollm2``: see :mod:`bayesmanifold.data`)."""
+    from ..data import PROMPT_SETS, read_prompt_records
+
+    if str(path) in PROMPT_SETS or str(path).endswith(".jsonl"):
+        return [r["text"] for r in read_prompt_records(path)]
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"prompts file {str(p)!r} does not exist")
+        raise InputError(f"prompts file {str(p)!r} does not exist (a text file, a .jsonl file, or a shipped set: "
+                         f"{', '.join(PROMPT_SETS)})")
     prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines()]
     prompts = [x for x in prompts if x.strip()]
     if not prompts:
@@ -93,6 +106,8 @@ class Paper3Result:
     layer_valid: np.ndarray | None = None
     #: why the value-manifold criterion is untested ('' when it is tested)
     value_manifold_untested: str = ""
+    #: the authors' variant measured in the same pass (``protocol="authors"``), else None
+    authors: Paper3AuthorsResult | None = None
 
     @property
     def attention_entropy_reduction(self) -> float:
@@ -151,6 +166,8 @@ class Paper3Result:
             key_orthogonality=self.key_orthogonality.tolist(),
             attention_entropy=self.attention_entropy.tolist(),
         )
+        if self.authors is not None:
+            d["authors"] = self.authors.to_dict()
         return d
 
     def to_dataframe(self):
@@ -193,8 +210,16 @@ def paper3_protocol(
     *,
     layers: Iterable[int] | int | None = None,
     max_prompts: int | None = None,
+    protocol: str = "ours",
+    n_boot: int = 1000,
+    batch_size: int = 8,
 ) -> Paper3Result:
-    """Run Paper III's measurements on ``model`` over ``prompts`` (a file path or a list).
+    """Run Paper III's measurements on ``model`` over ``prompts`` (a file path, a shipped set's
+    name such as ``"paper3-smollm2"``, or a list of strings).
+
+    ``protocol="authors"`` also measures, in the same pass, the variant of the authors' code
+    (:mod:`.paper3_authors`; ``n_boot`` bootstrap resamples of its value-manifold shares) and
+    returns it as ``result.authors``.
 
     Raises:
         InputError: no prompts, a prompt longer than the model's context (n_ctx), or fewer than
@@ -204,10 +229,18 @@ def paper3_protocol(
         >>> res = paper3_protocol(model, "prompts.txt")  # doctest: +SKIP
         >>> res.criteria  # doctest: +SKIP
     """
+    from ..data import PROMPT_SETS
+
+    if protocol not in ("ours", "authors"):
+        raise InputError(f"protocol must be 'ours' or 'authors'; got {protocol!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise InputError(f"n_boot must be an int >= 0; got {n_boot!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an int >= 1; got {batch_size!r}")
     access = model_access(model)
-    if isinstance(prompts, str) and not Path(prompts).exists():
-        raise InputError(f"prompts {prompts[:60]!r} names no file: give the path of a prompts file (one prompt per line) "
-                         "or a list of at least 3 prompt strings")
+    if isinstance(prompts, str) and not Path(prompts).exists() and prompts not in PROMPT_SETS:
+        raise InputError(f"prompts {prompts[:60]!r} names no file: give the path of a prompts file (one prompt per line, "
+                         f"or .jsonl), a shipped set ({', '.join(PROMPT_SETS)}) or a list of at least 3 prompt strings")
     if isinstance(prompts, str | os.PathLike):
         plist = read_prompts(prompts)
     else:
@@ -236,11 +269,19 @@ def paper3_protocol(
         for layer in layer_list
     ]
     ent_acc = AttentionEntropyAccumulator(layer_list, access.n_heads)
-    with capture(model, accumulators=[*values, ent_acc], layers=layer_list) as cap:
-        for t in toks_list:
-            last = torch.zeros(t.shape, dtype=torch.bool)
-            last[:, -1] = True
-            cap.run(Batch(tokens=t, positions=last))
+    extra: list = []
+    if protocol == "authors":  # the final layer's raw rows (their PCA keeps 10 components) and the keys
+        extra = [FeatureAccumulator(kind="values_concat", layer=layer_list[-1], output_scalar=_next_token_entropy, dtype=torch.float64),
+                 FinalTokenKeyCosAccumulator(layer_list, access.n_heads, access.n_kv_heads)]
+    with capture(model, accumulators=[*values, ent_acc, *extra], layers=layer_list) as cap:
+        for s in range(0, len(toks_list), batch_size):  # right padding: a causal model's real positions never see it
+            chunk = toks_list[s:s + batch_size]
+            toks = torch.zeros(len(chunk), max(t.shape[1] for t in chunk), dtype=torch.long)
+            last = torch.zeros(toks.shape, dtype=torch.bool)
+            for j, t in enumerate(chunk):
+                toks[j, : t.shape[1]] = t[0]
+                last[j, t.shape[1] - 1] = True
+            cap.run(Batch(tokens=toks, positions=last))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankLimitedWarning)  # one warning below, not one per layer
         res = [a.finalize() for a in values]
@@ -256,6 +297,10 @@ def paper3_protocol(
         )
     ko = key_orthogonality(model, definition="columns", layers=layer_list, random_init_baseline=False).per_layer
     ent = ent_acc.finalize().per_layer
+    authors = None
+    if extra:
+        authors = finalize_authors(layer_list, extra[0].features, torch.cat(extra[0].scalars), extra[1], ent, len(plist),
+                                   authors_gqa_reshape(access.n_heads, access.n_kv_heads, access.d_head), n_boot)
     pc12 = np.array([r.pc12_share for r in res])
     ranks = [_effective_rank(r.explained_variance) for r in res]
     valid = np.array([not r.rank_limited and k > 2 for r, k in zip(res, ranks)])
@@ -279,7 +324,54 @@ def paper3_protocol(
         rank_limited=rank_limited,
         layer_valid=valid,
         value_manifold_untested=untested,
+        authors=authors,
     )
+
+
+def stratified_subset(records: Sequence[dict], per_quintile: int, seed: int = 0) -> list[dict]:
+    """``per_quintile`` records of each entropy quintile (records carry ``quintile`` 0-4 and ``domain``),
+    the domains taken in turn, each domain's order drawn with ``numpy.random.default_rng(seed)``."""
+    if isinstance(per_quintile, bool) or not isinstance(per_quintile, int) or per_quintile < 1:
+        raise InputError(f"per_quintile must be an int >= 1; got {per_quintile!r}")
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    for q in range(5):
+        by_dom: dict[str, list[dict]] = {}
+        for r in records:
+            if r.get("quintile") == q:
+                by_dom.setdefault(str(r.get("domain")), []).append(r)
+        if sum(map(len, by_dom.values())) < per_quintile:
+            raise InputError(f"quintile {q} holds {sum(map(len, by_dom.values()))} records, fewer than per_quintile={per_quintile}")
+        queues = [[v[i] for i in rng.permutation(len(v))] for _, v in sorted(by_dom.items())]
+        picked: list[dict] = []
+        while len(picked) < per_quintile:
+            for qu in queues:
+                if qu and len(picked) < per_quintile:
+                    picked.append(qu.pop(0))
+        out += picked
+    return out
+
+
+def smollm2_signature(model: ModelLike | None = None, *, per_quintile: int = 3, seed: int = 0, protocol: str = "ours",
+                      n_boot: int = 1000) -> Paper3Result:
+    """Paper III's signature of SmolLM2-135M on a stratified subset of the shipped ``paper3-smollm2`` set.
+
+    ``per_quintile`` prompts of each entropy quintile (3: 15 prompts, sized for a demo). With fewer
+    prompts than the 192 value features of a layer the value-manifold criterion is untested (the
+    result says why; the rank-limited warning is not repeated); the other two are measured.
+
+    Example:
+        >>> res = smollm2_signature()  # doctest: +SKIP
+        >>> res.criteria  # doctest: +SKIP
+    """
+    from ..backends import load_model
+    from ..data import read_prompt_records
+
+    recs = stratified_subset(read_prompt_records("paper3-smollm2"), per_quintile, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankLimitedWarning)
+        return paper3_protocol(load_model("smollm2-135m") if model is None else model, [r["text"] for r in recs],
+                               protocol=protocol, n_boot=n_boot)
 
 
 def _effective_rank(explained_variance: np.ndarray) -> int:

@@ -4,7 +4,9 @@ On a wind-tunnel checkpoint (or a model given with ``--task``): key orthogonalit
 hypothesis-token keys, the value manifold at the scored positions coloured by Bayes entropy,
 attention focusing, query–key alignment, value specialization over position buckets and, where
 the checkpoint has a dynamics-monitor state or weight snapshots, the frame/precision stabilisation
-steps. On a pretrained model with ``--prompts``: Paper III's protocol at each prompt's final token.
+steps. On a pretrained model with ``--prompts`` (a file, or a shipped set such as ``paper3-smollm2``):
+Paper III's protocol at each prompt's final token; with ``--protocol authors`` also the variant of
+the authors' LLM pipeline (:mod:`bayesmanifold.analyses.paper3_authors`), printed beside ours.
 """
 
 import argparse
@@ -18,6 +20,7 @@ from .common import (
     add_target_args,
     at_least,
     format_table,
+    input_file,
     open_model_from,
     output_dir,
     write_json,
@@ -29,8 +32,21 @@ EXAMPLE = "bayesmanifold analyze bijection-v20 --out figures/ --json analyze.jso
 FIGURE_DPI = 120
 
 
+def prompts_file(text: str) -> str:
+    """``--prompts``: a shipped prompt set's name (``paper3-smollm2``), or a file as ``input_file`` checks it."""
+    from ..data import PROMPT_SETS
+
+    return text if text in PROMPT_SETS else input_file(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target_args(p)
+    for action in p._actions:  # --prompts (shared with the other target options) also takes a shipped set's name
+        if action.dest == "prompts":
+            action.type = prompts_file
+            action.help = ("prompts for Paper III's protocol at each final token: a text file (one per line), a .jsonl "
+                           "file (one object with a 'text' per line) or a shipped set: paper3-smollm2 (75 prompts, "
+                           "stratified for SmolLM2), paper3-smollm2-pool (its 400 candidates)")
     p.add_argument("--out", metavar="DIR", type=output_dir, help="write figures (PNG) to DIR")
     add_json_arg(p)
     add_model_options(p)
@@ -41,8 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-snapshots", type=at_least(2), default=40, help="replay at most this many weight snapshots (default 40)")
     p.add_argument("--no-dynamics", action="store_true", help="skip the training-dynamics replay")
     p.add_argument("--protocol", choices=["ours", "authors"], default="ours",
-                   help="authors: also measure each claim as the authors' code does (value manifold of the final-norm "
-                   "residual at the value positions, their focusing, their HMM KL) and print it beside ours")
+                   help="authors: also measure each claim as the authors' code does and print it beside ours (wind "
+                   "tunnels: value manifold of the final-norm residual at the value positions, their focusing, their HMM "
+                   "KL; with --prompts: Paper III as their LLM pipeline measures it, final layer, PCA of 10 components, "
+                   "final-token key cosines)")
     p.add_argument("--dynamics-range", choices=["first-stage", "all"], default="first-stage",
                    help="for a checkpoint trained in stages (warm starts): replay the snapshots of the "
                    "first, from-scratch stage (default) or of every stage")
@@ -75,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
     config = SuiteConfig(seed=args.seed, n_seqs=args.n_seqs, features=args.features, prompts=args.prompts,
                          dynamics=not args.no_dynamics, max_snapshots=args.max_snapshots, dynamics_range=args.dynamics_range)
     target = open_model_from(args, args.target, task=args.task)
-    if args.protocol == "authors":
+    if args.protocol == "authors" and not args.prompts:
         from ..suite import has_exact_posterior
 
-        if not has_exact_posterior(target.task) or args.prompts:
-            raise InputError("--protocol authors needs a wind-tunnel checkpoint (or --task) and no --prompts: "
-                             "the authors' protocols score exact posteriors")
+        if not has_exact_posterior(target.task):
+            raise InputError("--protocol authors needs a wind-tunnel checkpoint (or --task), or --prompts (Paper III's "
+                             "protocol as the authors' LLM pipeline measures it)")
     result = run_suite(target, config)
     res = result.to_dict()
     res["target"] = str(args.target)
@@ -107,12 +125,37 @@ def run(args: argparse.Namespace) -> int:
             f"final): frame {_at(res['frame_settling_step'])}, values {_at(res['precision_settling_step'])}, "
             f"calibration {_at(res['calibration_settling_step'])}"
         )
-    if args.protocol == "authors":
+    if args.protocol == "authors" and args.prompts:
+        res["authors"] = _authors_paper3(target.model, args.prompts, res)
+    elif args.protocol == "authors":
         res["protocols"], res["claims"] = _authors_side_by_side(target, res, args.seed)
     if figs:
         print(f"figures: {', '.join(figs)}")
     write_json(args.json, res)
     return 0
+
+
+def _authors_paper3(model, prompts: str, res: dict) -> dict:
+    """Paper III's protocol as the authors' LLM pipeline measures it, printed beside ours."""
+    from ..analyses.paper3 import paper3_protocol
+
+    a = paper3_protocol(model, prompts, protocol="authors").authors
+    vm, ours = a.value_manifold, res["paper3"]
+    mark = {True: "yes", False: "no", None: "untested"}
+    print("\nauthors' protocol beside ours (Paper III's thresholds):")
+    print(f"- value manifold: authors (final layer {a.layers[-1]}, PCA of {vm['n_components']}) PC1+PC2 "
+          f"{100 * vm['pc12']:.1f}% [95% CI {100 * vm['pc12_ci'][0]:.1f}-{100 * vm['pc12_ci'][1]:.1f}], PR(top "
+          f"{vm['n_components']}) {vm['participation_ratio_top']:.2f}, Pearson(PC1, entropy) {vm['pearson_pc1_entropy']:+.3f} "
+          f"[{mark[a.criteria['value_manifold']]}]; ours (layer {ours['best_layer']}) PC1+PC2 {100 * ours['value_pc12']:.1f}% "
+          f"[{mark[ours['criteria']['value_manifold']]}]")
+    print(f"- key orthogonality: authors (final-token key |cos| between kv heads) {min(a.key_cos_kv):.3f}-"
+          f"{max(a.key_cos_kv):.3f}, {100 * a.key_share_below():.0f}% of layers < 0.20 [{mark[a.criteria['key_orthogonality']]}]; "
+          f"over query heads {min(a.key_cos_query_heads):.3f}-{max(a.key_cos_query_heads):.3f}; ours (W_K columns) "
+          f"{100 * ours['key_orthogonality_share_below_0.20']:.0f}% of layers < 0.20 [{mark[ours['criteria']['key_orthogonality']]}]")
+    print(f"- attention focusing: authors {100 * a.attention_entropy_reduction:.1f}% (bits), ours "
+          f"{100 * ours['attention_entropy_reduction']:.1f}% (nats): the same statistic")
+    print(f"- the authors' k/v reshaping on this model: {a.gqa_reshape}")
+    return a.to_dict()
 
 
 def _at(step) -> str:
