@@ -20,7 +20,6 @@ from .common import (
     add_target_args,
     at_least,
     format_table,
-    input_file,
     open_model_from,
     output_dir,
     write_json,
@@ -32,21 +31,8 @@ EXAMPLE = "bayesmanifold analyze bijection-v20 --out figures/ --json analyze.jso
 FIGURE_DPI = 120
 
 
-def prompts_file(text: str) -> str:
-    """``--prompts``: a shipped prompt set's name (``paper3-smollm2``), or a file as ``input_file`` checks it."""
-    from ..data import PROMPT_SETS
-
-    return text if text in PROMPT_SETS else input_file(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_target_args(p)
-    for action in p._actions:  # --prompts (shared with the other target options) also takes a shipped set's name
-        if action.dest == "prompts":
-            action.type = prompts_file
-            action.help = ("prompts for Paper III's protocol at each final token: a text file (one per line), a .jsonl "
-                           "file (one object with a 'text' per line) or a shipped set: paper3-smollm2 (75 prompts, "
-                           "stratified for SmolLM2), paper3-smollm2-pool (its 400 candidates)")
     p.add_argument("--out", metavar="DIR", type=output_dir, help="write figures (PNG) to DIR")
     add_json_arg(p)
     add_model_options(p)

@@ -339,7 +339,17 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="MODEL", type=model_spec, help=MODEL_HELP)
     p.add_argument("--task", metavar="NAME", choices=["bijection", "hmm", "recall"],
                    help="wind tunnel for a model that is not a checkpoint (bijection, hmm, recall; default parameters)")
-    p.add_argument("--prompts", metavar="FILE", type=input_file, help="text file, one prompt per line: run Paper III's protocol at each final token")
+    p.add_argument("--prompts", metavar="FILE", type=prompts_file,
+                   help="prompts for Paper III's protocol at each final token: a text file (one per line), a .jsonl "
+                        "file (one object with a 'text' per line) or a shipped set: paper3-smollm2 (75 prompts, "
+                        "stratified for SmolLM2), paper3-smollm2-pool (its 400 candidates)")
+
+
+def prompts_file(text: str) -> str:
+    """``--prompts``: a shipped prompt set's name (``paper3-smollm2``), or a file as :func:`input_file` checks it."""
+    from ..data import PROMPT_SETS
+
+    return text if text in PROMPT_SETS else input_file(text)
 
 
 def add_json_arg(p: argparse.ArgumentParser, help: str = "write the numbers as JSON to PATH (atomically)") -> None:
