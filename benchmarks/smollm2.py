@@ -40,6 +40,8 @@ Usage::
 
     python benchmarks/smollm2.py [--sizes 1x1024,4x256] [--pairs 6] [--warmup 2] [--threads 2]
         [--scan-batches 4] [--scan-reps 2] [--mem-reps 2] [--quick] [--json PATH]
+
+``--quick`` changes the defaults to 2 pairs, 1 warm-up, 2 scan batches, 1 scan repeat and 1 memory pass.
 """
 
 import argparse
@@ -269,18 +271,22 @@ def _load_avg() -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1x1024,4x256", help="comma-separated BATCHxSEQ")
-    ap.add_argument("--pairs", type=int, default=6, help="floor/capture pairs alternated in one process")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed passes of each side first, in every process")
+    ap.add_argument("--pairs", type=int, help="floor/capture pairs alternated in one process (default 6)")
+    ap.add_argument("--warmup", type=int, help="untimed passes of each side first, in every process (default 2)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
-    ap.add_argument("--scan-batches", type=int, default=4, help="batches the scan and its floor run (0: no scan)")
-    ap.add_argument("--scan-reps", type=int, default=2, help="scan/floor repeats, alternated")
-    ap.add_argument("--mem-reps", type=int, default=2, help="passes after the warm-up in each memory process")
-    ap.add_argument("--quick", action="store_true", help="2 pairs, 1 warm-up, 2 scan batches, 1 scan repeat, 1 memory pass")
+    ap.add_argument("--scan-batches", type=int, help="batches the scan and its floor run (default 4; 0: no scan)")
+    ap.add_argument("--scan-reps", type=int, help="scan/floor repeats, alternated (default 2)")
+    ap.add_argument("--mem-reps", type=int, help="passes after the warm-up in each memory process (default 2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="defaults of 2 pairs, 1 warm-up, 2 scan batches, 1 scan repeat, 1 memory pass (flags given still win)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.pairs, args.warmup, args.scan_batches, args.scan_reps, args.mem_reps = 2, 1, 2, 1, 1
+    defaults = dict(pairs=2, warmup=1, scan_batches=2, scan_reps=1, mem_reps=1) if args.quick else \
+        dict(pairs=6, warmup=2, scan_batches=4, scan_reps=2, mem_reps=2)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     if args.worker:
         import torch
