@@ -30,6 +30,12 @@ kernel's high-water mark of the resident set reset (``/proc/self/clear_refs``), 
 ``--warmup`` + ``--mem-reps`` passes: excess = peak resident set − resident set just before the
 first pass (as ``benchmarks/overhead.py``: the pass's own allocations), capture's ÷ the floor's.
 
+Threads: ``--threads`` (default 2, one per core of a 2-core machine). On a machine shared with
+other work use ``--threads 1``: with more runnable threads than cores, every parallel region of
+the statistics' many small operations waits for its second thread to be scheduled. With load
+average 8–14 on 2 cores, capture + statistics took ×1.24 the floor's wall time at 1×256 with one
+thread per process and ×3.0 with two (and capture without statistics ×1.07 and ×1.8).
+
 Targets (issue 25): capture ≤ 1.10 × the floor's time and ≤ 1.05 × its excess peak memory at
 both sizes; scan ≥ 0.9 × the floor's tokens/s.
 
