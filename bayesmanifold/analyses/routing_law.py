@@ -39,10 +39,10 @@ from ..hooks.capture import capture
 from ..hooks.model_state import describe_active_dropout
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
-from .headstats import HeadStats, RowBuffers, Scratch, layer_tiles, zeroer
+from .headstats import HeadStats, RowBuffers, Scratch, _derived, layer_tiles, zeroer
 from .routing_law_result import TOLERANCE_MODEL, RoutingLawResult, judge_head, law_tolerance
 
-__all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance"]
+__all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance", "value_updates"]
 
 _CHECK_KINDS = {
     **{f"max_abs_{k}": "max" for k in ("residual_dscores", "dscores", "rowsum_dscores", "residual_dpattern", "dpattern",
@@ -55,6 +55,24 @@ _CHECK_KINDS = {
     "value_law_checked": "min",
     "n_batches": "sum",
 }
+
+
+def value_updates(b: LayerBundle) -> Tensor:
+    """Σ_i α_ij u_i per selected query head, ``[batch, head, d_head, key_pos]`` (Paper II's value law).
+
+    Formed tile by tile over the keys each query block may see (α = 0 elsewhere), once per bundle:
+    :class:`RoutingLawCheck` compares its group sums with autograd's ∂L/∂v, and
+    ``ValueUpdateNorms`` of a GQA model takes its norms, from the same tensor.
+    """
+    return _derived(b, "value_updates", lambda: _value_updates(b))
+
+
+def _value_updates(b: LayerBundle) -> Tensor:
+    u_h = b.grad_z.transpose(1, 2).contiguous()  # [batch, head, pos, d]
+    law_t = u_h.new_zeros(*b.pattern.shape[:2], u_h.shape[3], b.pattern.shape[3])
+    for hs, qs, ks in layer_tiles(b):
+        law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), b.pattern[:, hs, qs, ks])
+    return law_t
 
 
 class RoutingLawCheck:
@@ -91,7 +109,6 @@ class RoutingLawCheck:
         rows = RowBuffers(["res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "alpha_sum"], alpha)
         u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         zero = zeroer(b)
-        law_t = u_h.new_zeros(*alpha.shape[:2], u_h.shape[3], v_h.shape[2])  # Σ_i u_i α_ij [batch, head, d, key]
         tile_list = layer_tiles(b)
         scratch = Scratch(alpha, tile_list, 2)
         for hs, qs, ks in tile_list:
@@ -109,8 +126,6 @@ class RoutingLawCheck:
             torch.amax(torch.abs(g_s, out=tmp), -1, out=rows.at("max_s", hs, qs))
             torch.sum(g_s, -1, out=rows.at("rowsum", hs, qs))  # keys past the tile are masked: 0 there
             torch.sum(a, -1, out=rows.at("alpha_sum", hs, qs))
-            # ∂L/∂v_j = Σ_i α_ij u_i: the tiles cover every key a query may see (α = 0 elsewhere)
-            law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), a)
         dev = rows["alpha_sum"].sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded
         if not zero.fast:
             dev.mul_(b.query_valid[:, None, :].to(dev.dtype))
@@ -120,6 +135,7 @@ class RoutingLawCheck:
         per_row = {**rows.t, "rowsum": rows["rowsum"].abs_(), "deficit": dev,  # per head: max over batch, queries
                    "excess_s": res_s.sub(bound), "excess_r": rows["rowsum"].sub(bound), "terms": terms}
         cat = {k: x.amax((0, 2)).to("cpu", torch.float64) for k, x in per_row.items() if k != "alpha_sum"}
+        law_t = value_updates(b)  # ∂L/∂v_j = Σ_i α_ij u_i per query head [batch, head, d, key]
         kv = torch.tensor(b.kv_heads, device=law_t.device)  # per query head, summed over each kv head's group
         law_kv = law_t.new_zeros(law_t.shape[0], b.grad_values.shape[2], *law_t.shape[2:]).index_add_(1, kv, law_t)
         res_v_kv = law_kv.permute(0, 3, 1, 2).sub(b.grad_values).abs_().amax(dim=(0, 1, 3)).double()

@@ -36,6 +36,7 @@ from ..analyses import (
     SpecializationAccumulator,
 )
 from ..analyses.registry import scan_names
+from ..analyses.routing_law import value_updates
 from ..errors import ConfigError, InputError
 from ..hooks.bundle import LayerBundle
 
@@ -68,7 +69,8 @@ class ValueUpdateNorms:
 
     Σ_i α_ij u_i is ∂L/∂v_j of one query head (Paper II's value law; PAPERS.md §1): without GQA it
     is read from autograd's value gradient; a kv head shared by a group sums its query heads, so
-    there each query head's update is formed from α and u. Counted over real key positions.
+    there each query head's update is formed from α and u (:func:`~bayesmanifold.analyses.routing_law.value_updates`,
+    tiled over the keys each query may see, and shared with the routing check). Counted over real key positions.
     """
 
     _KINDS = {"n_keys": "sum", "sum_norm": "sum", "sum_norm_sq": "sum", "max_norm": "max", "sum_value_norm": "sum"}
@@ -81,8 +83,8 @@ class ValueUpdateNorms:
             raise InputError("ValueUpdateNorms needs the backward pass (a capture with gradients)")
         if b.n_heads == b.n_kv_heads:
             g = b.grad_values if b.kv_heads == list(range(b.n_kv_heads)) else b.grad_values[:, :, b.kv_heads]
-        else:
-            g = torch.einsum("bhqk,bqhd->bkhd", b.pattern, b.grad_z)
+        else:  # formed once per bundle, shared with RoutingLawCheck
+            g = value_updates(b).permute(0, 3, 1, 2)  # [batch, key, head, d]
         acc = torch.float64 if g.dtype == torch.float64 else torch.float32
         norm = torch.linalg.vector_norm(g, dim=-1, dtype=acc).double()  # [batch, key, head]
         vnorm = torch.linalg.vector_norm(b.values, dim=-1, dtype=acc).double()
