@@ -18,6 +18,7 @@ same pass (``output_scalar``). :func:`collect_features` and :func:`value_manifol
 one-call forms.
 """
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Literal
@@ -34,7 +35,8 @@ from ..hooks.bundle import LayerBundle, OutputBundle
 from ..hooks.capture import capture
 from .manifold import ManifoldAccumulator, ManifoldResult
 
-__all__ = ["FeatureKind", "FeatureAccumulator", "collect_features", "value_manifold", "describe_features"]
+__all__ = ["FeatureKind", "FeatureAccumulator", "collect_features", "value_manifold", "describe_features",
+           "next_token_entropy"]
 
 FeatureKind = Literal["values", "values_concat", "head_outputs", "residual"]
 _SITE = {"values": "v", "values_concat": "v", "head_outputs": "z", "residual": "resid_post"}
@@ -45,6 +47,29 @@ _SCALAR = "scalar"
 def _check_kind(kind: str) -> None:
     if kind not in _SITE:
         raise InputError(f"feature kind {kind!r} not known: use 'values', 'values_concat', 'head_outputs' or 'residual'")
+
+
+_ENTROPY_MEMO: dict[str, Any] = {"logits": None, "value": None}
+
+
+def next_token_entropy(out: OutputBundle) -> Tensor:
+    """Entropy (nats, float64) of the next-token distribution at the pass's scored positions
+    (``out.batch.scored``), as ``[batch, pos]`` with NaN elsewhere; usable as a
+    :class:`FeatureAccumulator`'s ``output_scalar``.
+
+    Only the scored rows of the logits are normalised (a vocabulary of 49,152 over every position
+    of a padded batch is otherwise most of a forward-only pass), and the value is computed once
+    per pass however many accumulators ask for it (remembered through a weak reference to the
+    pass's logits, so nothing outlives the pass)."""
+    memo = _ENTROPY_MEMO
+    if memo["logits"] is not None and memo["logits"]() is out.logits:
+        return memo["value"]
+    mask = out.batch.scored.to(out.logits.device)
+    lp = torch.log_softmax(out.logits[mask].double(), -1)
+    value = torch.full(mask.shape, float("nan"), dtype=torch.float64)
+    value[mask.cpu()] = -(lp.exp() * lp).sum(-1).cpu()
+    memo["logits"], memo["value"] = weakref.ref(out.logits), value
+    return value
 
 
 def _label_rows(label: Tensor, mask: Tensor) -> Tensor:

@@ -37,15 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from ..backends import ModelLike, model_access
 from ..backends.batch import Batch
 from ..errors import InputError
-from ..hooks.bundle import OutputBundle
 from ..hooks.capture import capture
 from .attention import AttentionEntropyAccumulator
-from .features import FeatureAccumulator
+from .features import FeatureAccumulator, next_token_entropy
 from .keys import key_orthogonality
 from .manifold import ManifoldAccumulator, RankLimitedWarning
 from .paper3_authors import (
@@ -54,7 +52,6 @@ from .paper3_authors import (
     authors_gqa_reshape,
     finalize_authors,
 )
-from .stats import entropy
 
 __all__ = ["Paper3Result", "paper3_protocol", "read_prompts", "tokenize_prompt", "stratified_subset", "smollm2_signature"]
 
@@ -262,7 +259,7 @@ def paper3_protocol(
         FeatureAccumulator(
             kind="values_concat",  # the layer's n_kv distinct value vectors, concatenated
             layer=layer,
-            output_scalar=_next_token_entropy,
+            output_scalar=next_token_entropy,
             dtype=torch.float64,
             pca=ManifoldAccumulator(standardize=True, feature_kind=f"values layer {layer}", scalar_name="next-token entropy"),
         )
@@ -271,7 +268,7 @@ def paper3_protocol(
     ent_acc = AttentionEntropyAccumulator(layer_list, access.n_heads)
     extra: list = []
     if protocol == "authors":  # the final layer's raw rows (their PCA keeps 10 components) and the keys
-        extra = [FeatureAccumulator(kind="values_concat", layer=layer_list[-1], output_scalar=_next_token_entropy, dtype=torch.float64),
+        extra = [FeatureAccumulator(kind="values_concat", layer=layer_list[-1], output_scalar=next_token_entropy, dtype=torch.float64),
                  FinalTokenKeyCosAccumulator(layer_list, access.n_heads, access.n_kv_heads)]
     with capture(model, accumulators=[*values, ent_acc, *extra], layers=layer_list) as cap:
         for s in range(0, len(toks_list), batch_size):  # right padding: a causal model's real positions never see it
@@ -381,6 +378,3 @@ def _effective_rank(explained_variance: np.ndarray) -> int:
     return int((ev > 1e-9 * total).sum()) if total > 0 else 0
 
 
-def _next_token_entropy(out: OutputBundle) -> Tensor:
-    """Entropy (nats) of the next-token distribution at every position, [batch, pos]."""
-    return entropy(torch.softmax(out.logits.double(), -1))

@@ -28,6 +28,7 @@ from ..analyses import (
     SpecializationAccumulator,
     key_orthogonality,
 )
+from ..analyses.features import next_token_entropy
 from ..backends import ModelLike
 from ..hooks import Batch, capture, model_access
 from .config import SuiteConfig, SuiteResult, Target
@@ -131,12 +132,6 @@ class _PerSequenceSpecialization:
         if not results:
             return {}
         return {k: {f: float(np.nanmean([r[k][f] for r in results])) for f in results[0][k]} for k in results[0]}
-
-
-def _next_token_entropy(out: Any) -> torch.Tensor:
-    """Entropy (nats) of the next-token distribution at every position, from the pass's logits."""
-    lp = torch.log_softmax(out.logits.double(), -1)
-    return -(lp.exp() * lp).sum(-1).cpu()
 
 
 # ------------------------------------------------------------------------------- wind tunnel
@@ -244,7 +239,7 @@ def text_suite(model: ModelLike, config: SuiteConfig) -> SuiteResult:
     toks = torch.randint(0, acc.d_vocab, (64, n_pos), generator=g)
     ko = key_orthogonality(model, definition="columns", seed=config.seed)
     kind = config.features or "values_concat"
-    feats = FeatureAccumulator(kind=kind, layer=layers[-1], output_scalar=_next_token_entropy, pca=ManifoldAccumulator(
+    feats = FeatureAccumulator(kind=kind, layer=layers[-1], output_scalar=next_token_entropy, pca=ManifoldAccumulator(
         standardize=True, feature_kind=describe_features(model, kind, -1, None), scalar_name="next-token entropy"))
     ent = AttentionEntropyAccumulator(layers, acc.n_heads)
     spec = _PerSequenceSpecialization(layers, acc.n_heads, [n_pos] * toks.shape[0])
