@@ -141,15 +141,19 @@ def test_demo_quick_on_shipped_checkpoint(tmp_path):
     smol = "skipped" not in pre
     if not smol:
         assert "pip install" in pre["skipped"] and not os.environ.get("BAYESMANIFOLD_REQUIRE_SMOLLM2"), pre["skipped"]
+    # SmolLM2: the laws hold; Paper III's full signature does not (the value manifold fails at full rank);
+    # SULA's calibration beats an always-certain model; its PC1 does not beat the count of examples
     held = [True, True, True, True, True, True, False, False, False, None, None, True]
-    assert [c["held"] for c in summary["claims"]] == held + [True] * smol
-    assert f"({7 + smol} of {10 + smol} checks)" in (out / "index.html").read_text()
+    assert [c["held"] for c in summary["claims"]] == held + [True, False, True, False] * smol
+    assert f"({7 + 2 * smol} of {10 + 4 * smol} checks)" in (out / "index.html").read_text()
     assert sorted(p.stem for p in out.glob("*.png")) == sorted([
         "routing_law", "advantage", "one_step", "calibration", "key_orthogonality", "value_manifold",
-        "attention_entropy", "specialization", "dynamics", "em_vs_sgd", "induction"] + ["pretrained_laws"] * smol)
+        "attention_entropy", "specialization", "dynamics", "em_vs_sgd", "induction"]
+        + ["pretrained_laws", "pretrained_signature", "pretrained_sula"] * smol)
     if smol:  # SmolLM2's strongest induction head on the shipped prompt (the maps find L17H5, score 0.46)
         assert pre["n_heads_total"] == 270 and pre["n_tokens"] == 256
         assert pre["induction_score"] > 0.3 and pre["induction_head"][0] >= 10
+        assert pre["signature"]["live"]["n_prompts"] == 15 and pre["sula"]["n_per_k"] == 10
     # the recorded induction replay of stdlib-attn2, its final scores re-measured live
     assert summary["induction"]["live_vs_recorded_max_abs"] < 1e-4
 
@@ -199,3 +203,28 @@ def test_only_tasks_with_an_exact_posterior_get_the_wind_tunnel_suite():
 
     assert has_exact_posterior(BijectionTask(V=6, L=5))
     assert not has_exact_posterior(None) and not has_exact_posterior(Corpus())
+
+
+def test_pretrained_claims_judge_the_measured_numbers():
+    crit = {"value_manifold": None, "key_orthogonality": True, "attention_focusing": True}
+    sula = {"entropy_mae_bits": 0.30, "mae_if_always_certain_bits": 0.35, "abs_rho_pc1_analytic_entropy": 0.80,
+            "abs_rho_k_analytic_entropy": 0.90, "rho_pc1_evidence_entropy_within_k_mean": -0.02, "n_per_k": 10,
+            "recorded": {"entropy_mae_bits": 0.33}}
+    pre = {"model": "smollm2-135m", "n_tokens": 256, "routing_law_holds": True, "n_heads_tested": 270,
+           "n_heads_total": 270, "max_terms_residual_dscores": 3e-7, "max_abs_residual_dvalues": 5e-8,
+           "signature": {"live": {"n_prompts": 15, "criteria": crit}, "recorded_set_ours": crit,
+                         "recorded_pool_ours": crit | {"value_manifold": False}, "recorded_pool_value_pc12": 0.26},
+           "sula": sula}
+    by = {f.claim: f.held for f in judge_claims({"pretrained": pre})}
+    assert list(by.values()) == [True, False, True, False]
+    # each verdict turns with its own numbers
+    bad = pre | {"n_heads_tested": 269}
+    assert judge_claims({"pretrained": bad})[0].held is False  # a head without gradient is not a law that held
+    good_pool = pre | {"signature": pre["signature"] | {"recorded_pool_ours": crit | {"value_manifold": True}}}
+    assert judge_claims({"pretrained": good_pool})[1].held is True
+    certain = pre | {"sula": sula | {"entropy_mae_bits": 0.36}}  # worse than always answering with certainty
+    assert judge_claims({"pretrained": certain})[2].held is False
+    beyond = pre | {"sula": sula | {"abs_rho_pc1_analytic_entropy": 0.95}}
+    assert judge_claims({"pretrained": beyond})[3].held is True
+    skipped = {"pretrained": {"model": "smollm2-135m", "skipped": "pip install ..."}}
+    assert judge_claims(skipped) == []  # not measured: no claim

