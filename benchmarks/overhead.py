@@ -42,12 +42,13 @@ TransformerLens-alone mode (at 1 x 4096 it holds every layer's four N x N tensor
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from process_memory import rss_now
 
 
 def _build(device: str, seq: int):
@@ -143,7 +144,7 @@ def _worker(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_now()
+        base = rss_now()
     times = [_timed(step, device) for _ in range(warmup + reps)][warmup:]
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
@@ -180,9 +181,6 @@ def _paired(floor, ours, reps: int, device: str, warmup: int) -> dict:
     return {"pairs": pairs}
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure(mode: str, batch: int, seq: int, reps: int, device: str, warmup: int) -> dict:

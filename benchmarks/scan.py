@@ -32,13 +32,14 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from process_memory import peak_rss, reset_peak_rss, rss_now
 
 
 def _build(args):
@@ -66,9 +67,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _floor_pass(model, tokens):
@@ -117,22 +115,8 @@ def worker_speed(args, corpus: str) -> dict:
     return {"floor_s": floor_t, "scan_s": scan_t, "tokens": n, "scan_tokens": res.n_tokens}
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's resident set (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker_memory(args, corpus: str, factor: int) -> dict:
@@ -152,10 +136,10 @@ def worker_memory(args, corpus: str, factor: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        base = _rss_now()
+        reset = reset_peak_rss()
+        base = rss_now()
     res = scan(model, cfg)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     return {"peak": peak, "base": base, "tokens": res.n_tokens, "peak_reset": True if cuda else reset}
 
 

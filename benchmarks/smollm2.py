@@ -53,13 +53,14 @@ Usage::
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from process_memory import peak_rss, reset_peak_rss, rss_now
 
 
 def corpus_dir() -> Path:
@@ -210,26 +211,10 @@ def worker_time(batch: int, seq: int, pairs: int, warmup: int, scan_batches: int
     return out
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker_memory(mode: str, batch: int, seq: int, warmup: int, reps: int) -> dict:
@@ -254,10 +239,10 @@ def worker_memory(mode: str, batch: int, seq: int, warmup: int, reps: int) -> di
         model = _bridge()
         tokens = _tokens(model_access(model), batch * seq).view(batch, seq)
         step = _capture_step(model)
-    reset = _reset_peak_rss()
-    base = _rss_now()
+    reset = reset_peak_rss()
+    base = rss_now()
     times = [_timed(step, tokens)[0] for _ in range(warmup + reps)]
-    return {"peak": _peak_rss(), "base": base, "peak_reset": reset, "times_s": times}
+    return {"peak": peak_rss(), "base": base, "peak_reset": reset, "times_s": times}
 
 
 def _run(args: list[str], threads: int) -> dict:
