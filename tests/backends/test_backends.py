@@ -229,4 +229,4 @@ def test_a_measured_model_is_freed_when_the_user_drops_it(kind, hf_llama_dir):
     gc.collect()
     assert ref() is None
     with pytest.raises(ModelError, match="has been deleted"):
-        access.model
+        _ = access.model
