@@ -215,9 +215,9 @@ def key_orthogonality(
     gauss = float(mean_offdiag_cosine(torch.randn(shape, generator=gen, dtype=torch.float64), absolute=absolute).mean())
     rnd = None
     if random_init_baseline:
-        fresh = model_access(access.fresh_copy(seed=seed))
-        rnd = _orth_stats(fresh, layer_list, definition, tok, include_bias, absolute)
-        del fresh
+        fresh_model = access.fresh_copy(seed=seed)  # held while its backend is used (a backend refers to it weakly)
+        rnd = _orth_stats(model_access(fresh_model), layer_list, definition, tok, include_bias, absolute)
+        del fresh_model
     return KeyOrthogonalityResult(
         definition=definition, layers=layer_list, per_head=per_head, gaussian=gauss, random_init=rnd, absolute=absolute
     )
