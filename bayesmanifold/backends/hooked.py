@@ -266,4 +266,9 @@ def hf_config_dict(path: str | os.PathLike) -> dict[str, Any]:
                 f"{str(p)!r} holds an architecture TransformerLens cannot convert "
                 f"({type(exc).__name__}: {exc})"
             ) from None
+    theta = getattr(hf_cfg, "rope_theta", None) or (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
+    if cfg.get("positional_embedding_type") == "rotary" and theta and cfg.get("rotary_base") != theta:
+        # TransformerLens 2.18 converts Llama configs without their rope_theta (it keeps 10,000): SmolLM2's
+        # 100,000 then gave other logits than HuggingFace's (next-token entropies off by up to 0.5 nats)
+        cfg["rotary_base"] = int(theta) if float(theta).is_integer() else float(theta)
     return {**cfg, "tokenizer_name": str(p)}

@@ -52,6 +52,21 @@ def test_it_is_the_real_model(smollm2):
     assert float(loss) < 3.5  # a random model of this vocabulary sits near ln(49152) = 10.8 (measured: 2.3-2.5)
 
 
+def test_logits_equal_huggingfaces_on_every_transformerlens_line(smollm2):
+    """The model we measure is the model HuggingFace runs: same logits on real text (TransformerLens
+    2.18 converts Llama configs without rope_theta; SmolLM2's is 100,000, not the default 10,000)."""
+    from transformers import AutoModelForCausalLM
+
+    from bayesmanifold.backends.loading import gguf_to_hf_directory, packaged_model_file
+
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_to_hf_directory(packaged_model_file("smollm2-135m"))),
+                                              dtype=torch.float32, local_files_only=True).eval()
+    toks = model_access(smollm2).encode(stdlib_text())[None, :96]
+    with torch.no_grad():
+        ours, theirs = smollm2(toks), hf(toks).logits
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+
+
 def test_routing_law_on_real_text(smollm2):
     from bayesmanifold.analyses import verify_routing_law
 
