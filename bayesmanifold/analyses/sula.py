@@ -63,7 +63,13 @@ from ..hooks.bundle import OutputBundle
 from ..hooks.capture import capture
 from .features import FeatureAccumulator, describe_features
 from .manifold import ManifoldAccumulator, RankLimitedWarning
-from .sula_result import PAPER3_SULA, SulaCondition, SulaResult, binary_entropy_bits
+from .sula_result import (
+    PAPER3_SULA,
+    SulaCondition,
+    SulaResult,
+    analytic_posterior,
+    binary_entropy_bits,
+)
 
 __all__ = ["SulaConfig", "SulaResult", "SulaCondition", "sula_test", "sula_prompts", "analytic_posterior",
            "binary_entropy_bits", "PAPER3_SULA", "LABELS", "REMAP_LABELS", "WORDS"]
@@ -82,14 +88,6 @@ WORDS = (
 )
 CONDITIONS = ("main", "shuffled", "lexical_remap")
 _BAD_CHARS = set(":,.") | {" ", "\t", "\n"}
-
-
-def analytic_posterior(n_a: Any, n_b: Any, noise: float = 0.1) -> np.ndarray:
-    """P(y = A | n_A labels A, n_B labels B) for a uniform prior and label noise ``noise``:
-    σ((n_A − n_B) ln((1 − ε)/ε)), float64, elementwise."""
-    d = np.asarray(n_a, dtype=np.float64) - np.asarray(n_b, dtype=np.float64)
-    z = d * np.log((1.0 - noise) / noise)
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), stable for large |z|
 
 
 def _words(value: Any, what: str) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import numpy as np
 from .manifold import ManifoldResult
 from .stats import pearson, spearman
 
-__all__ = ["PAPER3_SULA", "SCORING", "SulaCondition", "SulaResult", "binary_entropy_bits"]
+__all__ = ["PAPER3_SULA", "SCORING", "SulaCondition", "SulaResult", "analytic_posterior", "binary_entropy_bits"]
 
 #: Paper III's reported SULA numbers (arXiv 2512.23752), for comparison
 PAPER3_SULA: dict[str, Any] = {
@@ -25,6 +25,14 @@ PAPER3_SULA: dict[str, Any] = {
 SCORING = ("whole word: log P(label) is the teacher-forced log-probability of all the label's tokens after the "
            "query ('… q:' then ' label'); the model's posterior is the two candidates' probabilities renormalised "
            "(for single-token labels, the authors' renormalised next-token softmax)")
+
+
+def analytic_posterior(n_a: Any, n_b: Any, noise: float = 0.1) -> np.ndarray:
+    """P(y = A | n_A labels A, n_B labels B) for a uniform prior and label noise ``noise``:
+    σ((n_A − n_B) ln((1 − ε)/ε)), float64, elementwise."""
+    d = np.asarray(n_a, dtype=np.float64) - np.asarray(n_b, dtype=np.float64)
+    z = d * np.log((1.0 - noise) / noise)
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), stable for large |z|
 
 
 def binary_entropy_bits(p: Any) -> np.ndarray:
@@ -83,7 +91,6 @@ class SulaCondition:
     @classmethod
     def build(cls, name: str, ps: Any, logp_a: np.ndarray, logp_b: np.ndarray, truth_h: np.ndarray,
               evidence_h: np.ndarray, noise: float, manifold: ManifoldResult) -> "SulaCondition":
-        from .sula import analytic_posterior
 
         evidence_p = analytic_posterior(ps.n_a, ps.n_b, noise)
         model_p = 0.5 * (1.0 + np.tanh(0.5 * (logp_a - logp_b)))  # σ(log P(A) − log P(B))
