@@ -12,7 +12,17 @@ from typing import Any
 
 from .errors import BayesManifoldError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "ensure_dir"]
+__all__ = ["cache_dir", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "ensure_dir"]
+
+
+def cache_dir() -> Path:
+    """Where converted models and built kernels are cached: ``$BAYESMANIFOLD_CACHE``, else ``$XDG_CACHE_HOME/bayesmanifold``,
+    else ``~/.cache/bayesmanifold``."""
+    env = os.environ.get("BAYESMANIFOLD_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bayesmanifold"
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

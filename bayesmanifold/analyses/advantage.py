@@ -7,8 +7,9 @@ moves s_ij by +η α_ij A_ij, so attention grows on keys whose value points alon
 :class:`AdvantageStats` streams, per head, the distribution of A on unmasked entries (moments,
 extremes and a histogram on the float32 grid), the attention mass on positive-advantage keys, the
 α-weighted advantage and the concentration of the routing gradient |∂L/∂s| per query. It reads b
-from autograd's ∂L/∂α (no recomputation) and works tile by tile (see ``headstats.tiles``) with
-float-mask products and a bit-shift histogram: it is benchmarked, keep it that way.
+from autograd's ∂L/∂α (no recomputation) and works tile by tile (see ``headstats.tiles``): one
+fused pass per row through :mod:`bayesmanifold.kernels` where they apply (float32 on the CPU),
+else float-mask products and a bit-shift histogram in PyTorch. Both are benchmarked, keep them so.
 
 Undefined figures are NaN, never 0: a head that saw no unmasked entry has no mean advantage, and
 ``routing_top1_share`` / ``routing_effective_keys`` are NaN where no query had a routing gradient
@@ -24,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import kernels
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from .headstats import (
@@ -32,7 +34,9 @@ from .headstats import (
     Scratch,
     entry_mask,
     f64_rows,
+    kernel_choice,
     layer_tiles,
+    use_kernels,
     zeroer,
 )
 
@@ -177,23 +181,67 @@ class AdvantageStats:
     """Accumulator: the distribution of advantages A_ij and how attention sits on them, per head.
 
     Uses autograd's ∂L/∂α for b (no recomputation), and only unmasked entries of unmasked rows.
+
+    Args:
+        histogram: keep each head's histogram of A (for :meth:`AdvantageResult.quantile`).
+        kernel: ``"auto"`` (the fused C kernels where built and applicable) or ``"torch"``.
     """
 
-    def __init__(self, *, histogram: bool = True) -> None:
+    def __init__(self, *, histogram: bool = True, kernel: str = "auto") -> None:
         self.histogram = histogram
+        self.kernel = kernel_choice(kernel)
         self.stats = HeadStats(_ADV_KINDS)
         self.hist: dict[int, Tensor] = {}
 
     def update(self, b: LayerBundle) -> None:
         mask = entry_mask(b)
-        zero = zeroer(b)
         qvb = b.query_valid[:, None, :]
         qv = qvb.to(b.pattern.dtype)
         dims = (0, 2, 3)
         n_h = len(b.heads)
-        rows = RowBuffers(["n_positive", "sum_adv", "sum_adv_sq", "min_adv", "max_adv", "mass", "alpha_adv", "alpha_pos_adv",
-                           "wmax", "amax", "tot", "gmax", "glogg"], b.pattern)
+        rows = RowBuffers(list(kernels.ADVANTAGE_ROWS), b.pattern)
         hist = torch.zeros(n_h, 2 * _N_MAG, dtype=torch.float64)
+        if use_kernels(self.kernel, b.pattern, b.grad_pattern, b.grad_scores):
+            for hs, qs, ks in layer_tiles(b):
+                counts = torch.zeros(hs.stop - hs.start, 2 * _N_MAG, dtype=torch.int64) if self.histogram else None
+                kernels.advantage_rows(b.pattern, b.grad_pattern, b.grad_scores, mask, (hs, qs, ks), rows.t, counts)
+                if counts is not None:
+                    hist[hs] += counts.double()
+        else:
+            self._tiles(b, rows, hist)
+        alpha_adv, tot = rows["alpha_adv"], rows["tot"]
+        live = (tot > 0) & qvb
+        safe = torch.where(tot > 0, tot, 1)
+        # entropy of p = g / tot: log tot − ln 2 · Σ g log2 g / tot
+        ent = safe.log() - rows["glogg"] * (math.log(2.0) / safe)
+        wmax = rows["wmax"]
+        self.stats.add(
+            b.layer,
+            b.heads,
+            n_entries=mask.sum(dims).expand(n_h),
+            n_queries=qv.sum().expand(n_h),
+            min_adv=rows["min_adv"].amin((0, 2)),
+            max_adv=rows["max_adv"].amax((0, 2)),
+            n_positive=f64_rows(rows["n_positive"]),
+            sum_adv=f64_rows(rows["sum_adv"]),
+            sum_adv_sq=f64_rows(rows["sum_adv_sq"]),
+            sum_mass_positive=f64_rows(rows["mass"] * qv),
+            # a most-attended key of the row has A > 0 (any of them, under exact ties)
+            n_argmax_positive=((wmax >= rows["amax"]) & (wmax > 0) & qvb).sum((0, 2)),
+            sum_alpha_adv=f64_rows(alpha_adv * qv),
+            sum_abs_alpha_adv=f64_rows(alpha_adv.abs() * qv),
+            # Σ_j α_ij |A_ij| = 2 Σ_j α_ij A_ij [A_ij > 0] − Σ_j α_ij A_ij
+            sum_alpha_abs_adv=f64_rows((2 * rows["alpha_pos_adv"] - alpha_adv) * qv),
+            n_routing_queries=live.sum((0, 2)),
+            sum_top1_share=f64_rows(torch.where(live, rows["gmax"] / safe, 0)),
+            sum_effective_keys=f64_rows(torch.where(live, ent.exp(), 0)),
+        )
+        if self.histogram:
+            self.hist[b.layer] = self.hist[b.layer] + hist if b.layer in self.hist else hist
+
+    def _tiles(self, b: LayerBundle, rows: RowBuffers, hist: Tensor) -> None:
+        """The PyTorch path: the rows of :data:`~bayesmanifold.kernels.ADVANTAGE_ROWS`, tile by tile."""
+        zero = zeroer(b)
         tile_list = layer_tiles(b)
         scratch = Scratch(b.pattern, tile_list, 2)
         codes = Scratch(b.pattern, tile_list, 1, torch.int32) if self.histogram else None
@@ -213,7 +261,7 @@ class AdvantageStats:
             # change the min or the max.
             torch.sum(pos, -1, out=rows.at("n_positive", hs, qs))
             torch.sum(adv, -1, out=rows.at("sum_adv", hs, qs))
-            torch.linalg.vector_norm(adv, dim=-1, out=rows.at("sum_adv_sq", hs, qs))  # squared below
+            torch.linalg.vector_norm(adv, dim=-1, out=rows.at("sum_adv_sq", hs, qs))  # squared after the loop
             torch.amin(adv, -1, out=rows.at("min_adv", hs, qs))
             torch.amax(adv, -1, out=rows.at("max_adv", hs, qs))
             if codes is not None:
@@ -231,35 +279,7 @@ class AdvantageStats:
             torch.amax(g, -1, out=rows.at("gmax", hs, qs))
             glogg = torch.clamp(g, min=torch.finfo(g.dtype).tiny, out=pos).log2_().mul_(g)
             torch.sum(glogg, -1, out=rows.at("glogg", hs, qs))
-        alpha_adv, tot = rows["alpha_adv"], rows["tot"]
-        live = (tot > 0) & qvb
-        safe = torch.where(tot > 0, tot, 1)
-        # entropy of p = g / tot: log tot − ln 2 · Σ g log2 g / tot
-        ent = safe.log() - rows["glogg"] * (math.log(2.0) / safe)
-        wmax = rows["wmax"]
-        self.stats.add(
-            b.layer,
-            b.heads,
-            n_entries=mask.sum(dims).expand(n_h),
-            n_queries=qv.sum().expand(n_h),
-            min_adv=rows["min_adv"].amin((0, 2)),
-            max_adv=rows["max_adv"].amax((0, 2)),
-            n_positive=f64_rows(rows["n_positive"]),
-            sum_adv=f64_rows(rows["sum_adv"]),
-            sum_adv_sq=f64_rows(rows["sum_adv_sq"].square()),
-            sum_mass_positive=f64_rows(rows["mass"] * qv),
-            # a most-attended key of the row has A > 0 (any of them, under exact ties)
-            n_argmax_positive=((wmax >= rows["amax"]) & (wmax > 0) & qvb).sum((0, 2)),
-            sum_alpha_adv=f64_rows(alpha_adv * qv),
-            sum_abs_alpha_adv=f64_rows(alpha_adv.abs() * qv),
-            # Σ_j α_ij |A_ij| = 2 Σ_j α_ij A_ij [A_ij > 0] − Σ_j α_ij A_ij
-            sum_alpha_abs_adv=f64_rows((2 * rows["alpha_pos_adv"] - alpha_adv) * qv),
-            n_routing_queries=live.sum((0, 2)),
-            sum_top1_share=f64_rows(torch.where(live, rows["gmax"] / safe, 0)),
-            sum_effective_keys=f64_rows(torch.where(live, ent.exp(), 0)),
-        )
-        if self.histogram:
-            self.hist[b.layer] = self.hist[b.layer] + hist if b.layer in self.hist else hist
+        rows["sum_adv_sq"].square_()  # the kernels write the sum of squares
 
     def merge(self, other: "AdvantageStats") -> "AdvantageStats":
         self.stats.merge(other.stats)

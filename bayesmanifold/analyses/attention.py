@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .. import kernels
 from ..backends import ModelLike, model_access
 from ..backends.batch import Batch, Positions, position_mask
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 from ..hooks.capture import capture
-from .headstats import Scratch, layer_tiles, tiles
+from .headstats import Scratch, kernel_choice, layer_tiles, tiles, use_kernels
 
 __all__ = [
     "AttentionEntropyAccumulator",
@@ -200,18 +201,25 @@ def _valid_keys(batch: int, n_pos: int, attention_mask: Tensor | None) -> Bool[T
 
 
 def row_entropy(pattern: Float[Tensor, "batch head query_pos key_pos"],
-                tile_list: list[tuple[slice, slice, slice]] | None = None) -> Float[Tensor, "batch head query_pos"]:
+                tile_list: list[tuple[slice, slice, slice]] | None = None, *,
+                kernel: str = "auto") -> Float[Tensor, "batch head query_pos"]:
     """H_i = −Σ_j α_ij ln α_ij per row (nats, 0 ln 0 = 0), float64.
 
     Each term is taken in the pattern's dtype, tile by tile (``tile_list``; default: all keys),
     and each row's sum is converted to float64: a float32 pattern's entropies agree with
     :func:`~bayesmanifold.analyses.stats.entropy` (float64 throughout) to float32 precision, at a
-    fraction of its cost (one float64 copy and ``entr`` over the whole square).
+    fraction of its cost (one float64 copy and ``entr`` over the whole square). ``kernel``:
+    ``"auto"`` takes the fused C kernel (:mod:`bayesmanifold.kernels`) for a contiguous float32 CPU
+    pattern where it is built, ``"torch"`` the tiled PyTorch code.
     """
     if tile_list is None:
         b, _, q, k = pattern.shape
         tile_list = tiles(pattern, torch.ones(1, 1, 1, dtype=torch.bool, device=pattern.device).expand(b, q, k))
     rows = pattern.new_zeros(pattern.shape[:3])
+    if use_kernels(kernel_choice(kernel), pattern):  # one fused pass per row (CPU, float32)
+        for tile in tile_list:
+            kernels.entropy_rows(pattern, tile, rows)
+        return rows.to(torch.float64).neg_()
     scratch = Scratch(pattern, tile_list, 1)
     tiny = torch.finfo(pattern.dtype).tiny  # ln of a clamped 0, times 0, adds 0
     for hs, qs, ks in tile_list:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
 
@@ -115,6 +116,24 @@ def tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20, q_blocks: int =
         for h0 in range(0, n_h, per):
             out.append((slice(h0, min(h0 + per, n_h)), slice(q0, q1), slice(0, k1)))
     return out
+
+
+#: An accumulator's ``kernel`` argument: ``"auto"`` takes the fused C kernels
+#: (:mod:`bayesmanifold.kernels`) where they are built and apply (contiguous float32 CPU tensors),
+#: ``"torch"`` always the tiled PyTorch code.
+KERNEL_CHOICES = ("auto", "torch")
+
+
+def kernel_choice(kernel: str) -> str:
+    """Validate an accumulator's ``kernel`` argument."""
+    if kernel not in KERNEL_CHOICES:
+        raise InputError(f"kernel must be one of {', '.join(map(repr, KERNEL_CHOICES))}, got {kernel!r}")
+    return kernel
+
+
+def use_kernels(kernel: str, *tensors: Tensor) -> bool:
+    """Whether this bundle's tiles go through the fused kernels."""
+    return kernel == "auto" and kernels.usable(*tensors)
 
 
 def f64_rows(x: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..backends.batch import Batch
 from ..errors import InputError
 from ..hooks.bundle import LayerBundle
@@ -39,7 +40,18 @@ from ..hooks.capture import capture
 from ..hooks.model_state import describe_active_dropout
 from ..hooks.objectives import Objective
 from .advantage import AdvantageResult, AdvantageStats
-from .headstats import HeadStats, RowBuffers, Scratch, _derived, layer_tiles, zeroer
+from .headstats import (
+    HeadStats,
+    RowBuffers,
+    Scratch,
+    Zeroer,
+    _derived,
+    entry_mask,
+    kernel_choice,
+    layer_tiles,
+    use_kernels,
+    zeroer,
+)
 from .routing_law_result import TOLERANCE_MODEL, RoutingLawResult, judge_head, law_tolerance
 
 __all__ = ["RoutingLawCheck", "RoutingLawResult", "verify_routing_law", "law_tolerance", "value_updates"]
@@ -70,9 +82,32 @@ def value_updates(b: LayerBundle) -> Tensor:
 def _value_updates(b: LayerBundle) -> Tensor:
     u_h = b.grad_z.transpose(1, 2).contiguous()  # [batch, head, pos, d]
     law_t = u_h.new_zeros(*b.pattern.shape[:2], u_h.shape[3], b.pattern.shape[3])
-    for hs, qs, ks in layer_tiles(b):
+    tile_list = layer_tiles(b)
+    for hs, qs, ks in tile_list:
         law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), b.pattern[:, hs, qs, ks])
     return law_t
+
+
+def _law_tiles(b: LayerBundle, rows: RowBuffers, u_h: Tensor, v_h: Tensor, zero: Zeroer,
+               tile_list: list[tuple[slice, slice, slice]]) -> None:
+    """The PyTorch path: the rows of :data:`~bayesmanifold.kernels.LAW_ROWS`, tile by tile."""
+    alpha, gs, gp = b.pattern, b.grad_scores, b.grad_pattern
+    scratch = Scratch(alpha, tile_list, 2)
+    for hs, qs, ks in tile_list:
+        a, zm = alpha[:, hs, qs, ks], zero.tile(qs, ks, alpha.dtype)
+        g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
+        compat, tmp = scratch.get(0, a.shape), scratch.get(1, a.shape)
+        torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2), out=compat)  # b = u·v, recomputed
+        torch.amax(zm(torch.sub(g_p, compat, out=tmp).abs_()), -1, out=rows.at("res_p", hs, qs))
+        torch.amax(zm(torch.abs(g_p, out=tmp)), -1, out=rows.at("max_p", hs, qs))
+        torch.mul(a, compat, out=tmp)
+        bbar = tmp.sum(-1, keepdim=True)
+        torch.sum(tmp.abs_(), -1, out=rows.at("row_scale", hs, qs))  # Σ_j α_ij |b_ij|
+        # ∂L/∂s and α(b − b̄) are both exactly 0 at masked keys (α = 0): no masking needed
+        torch.amax(compat.sub_(bbar).mul_(a).sub_(g_s).abs_(), -1, out=rows.at("res_s", hs, qs))  # |∂L/∂s − α(b − b̄)|
+        torch.amax(torch.abs(g_s, out=tmp), -1, out=rows.at("max_s", hs, qs))
+        torch.sum(g_s, -1, out=rows.at("rowsum", hs, qs))  # keys past the tile are masked: 0 there
+        torch.sum(a, -1, out=rows.at("alpha_sum", hs, qs))
 
 
 class RoutingLawCheck:
@@ -81,6 +116,8 @@ class RoutingLawCheck:
     Args:
         tolerance: relative tolerance of the judgement (None: :func:`law_tolerance` of the
             coarsest dtype captured).
+        kernel: ``"auto"`` (the fused C kernels of :mod:`bayesmanifold.kernels` for the per-entry
+            passes where built and applicable: float32 on the CPU) or ``"torch"``.
 
     Example:
         >>> check = RoutingLawCheck()
@@ -90,7 +127,8 @@ class RoutingLawCheck:
         >>> res.holds, res.max_rel_residual_dscores  # doctest: +SKIP
     """
 
-    def __init__(self, *, tolerance: float | None = None) -> None:
+    def __init__(self, *, tolerance: float | None = None, kernel: str = "auto") -> None:
+        self.kernel = kernel_choice(kernel)
         if tolerance is not None and not (isinstance(tolerance, int | float) and 0 < tolerance < 1):
             raise InputError(f"tolerance must be a number in (0, 1) or None (from the dtype), got {tolerance!r}")
         self.tolerance = tolerance
@@ -106,26 +144,18 @@ class RoutingLawCheck:
             eps_b = max(eps_b, torch.finfo(b.softmax_dtype).eps)
         tol_b = self.tolerance if self.tolerance is not None else eps_b ** (2 / 3)  # this bundle's precision
         self.softmax.update({torch.finfo(d).eps: str(d)[6:] for d in [b.softmax_dtype] if d is not None})  # HF Llama: float32
-        rows = RowBuffers(["res_s", "max_s", "res_p", "max_p", "rowsum", "row_scale", "alpha_sum"], alpha)
-        u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
+        rows = RowBuffers(list(kernels.LAW_ROWS), alpha)
         zero = zeroer(b)
+        u_h, v_h = u.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [batch, head, pos, d]
         tile_list = layer_tiles(b)
-        scratch = Scratch(alpha, tile_list, 2)
-        for hs, qs, ks in tile_list:
-            a, zm = alpha[:, hs, qs, ks], zero.tile(qs, ks, alpha.dtype)
-            g_s, g_p = gs[:, hs, qs, ks], gp[:, hs, qs, ks]
-            compat, tmp = scratch.get(0, a.shape), scratch.get(1, a.shape)
-            torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2), out=compat)  # b = u·v, recomputed
-            torch.amax(zm(torch.sub(g_p, compat, out=tmp).abs_()), -1, out=rows.at("res_p", hs, qs))
-            torch.amax(zm(torch.abs(g_p, out=tmp)), -1, out=rows.at("max_p", hs, qs))
-            torch.mul(a, compat, out=tmp)
-            bbar = tmp.sum(-1, keepdim=True)
-            torch.sum(tmp.abs_(), -1, out=rows.at("row_scale", hs, qs))  # Σ_j α_ij |b_ij|
-            # ∂L/∂s and α(b − b̄) are both exactly 0 at masked keys (α = 0): no masking needed
-            torch.amax(compat.sub_(bbar).mul_(a).sub_(g_s).abs_(), -1, out=rows.at("res_s", hs, qs))  # |∂L/∂s − α(b − b̄)|
-            torch.amax(torch.abs(g_s, out=tmp), -1, out=rows.at("max_s", hs, qs))
-            torch.sum(g_s, -1, out=rows.at("rowsum", hs, qs))  # keys past the tile are masked: 0 there
-            torch.sum(a, -1, out=rows.at("alpha_sum", hs, qs))
+        if use_kernels(self.kernel, alpha, gp, gs, u_h, v_h):
+            mask, scratch = entry_mask(b), Scratch(alpha, tile_list, 1)
+            for hs, qs, ks in tile_list:
+                compat = scratch.get(0, (alpha.shape[0], hs.stop - hs.start, qs.stop - qs.start, ks.stop))
+                torch.matmul(u_h[:, hs, qs], v_h[:, hs, ks].transpose(-1, -2), out=compat)  # b = u·v, recomputed
+                kernels.law_rows(alpha, gp, gs, compat, mask, (hs, qs, ks), rows.t)
+        else:
+            _law_tiles(b, rows, u_h, v_h, zero, tile_list)
         dev = rows["alpha_sum"].sub_(1).abs_()  # |1 − Σ_j α_ij|; fully masked (padding) rows excluded
         if not zero.fast:
             dev.mul_(b.query_valid[:, None, :].to(dev.dtype))

@@ -251,8 +251,14 @@ def judge_head(layer: int, head: int, s: dict[str, float], tol: float) -> dict[s
         if deficit > tol:
             why_r += (f": rows of α sum to as little as {1 - deficit:.6g}, so an attention sink or an extra key "
                       "outside the captured scores takes part in the softmax")
-    problems = [w for w in (why_s, why_r, why_p, why_v) if w]
-    tested = tested_s or tested_p or tested_v
+    judged = ["max_abs_residual_dscores", "max_abs_dscores", "max_row_scale", "max_excess_dscores", "max_abs_rowsum_dscores",
+              "max_excess_rowsum", "max_abs_residual_dpattern", "max_abs_dpattern"]
+    judged += ["max_abs_residual_dvalues", "max_abs_dvalues"] if checked else []
+    nonfinite = [k for k in judged if not math.isfinite(s[k])]
+    why_n = (f"non-finite values (NaN or infinity) in {', '.join(nonfinite)}: autograd's gradients or the captured "
+             "tensors hold NaN or infinity, so the laws cannot be judged") if nonfinite else ""
+    problems = [w for w in (why_n, why_s, why_r, why_p, why_v) if w]
+    tested = tested_s or tested_p or tested_v or bool(nonfinite)
     if problems:
         reason = "; ".join(problems)
     elif not tested:

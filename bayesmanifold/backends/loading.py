@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..io import cache_dir
 
 __all__ = [
     "parse_dtype",
@@ -143,16 +144,6 @@ def packaged_model_file(name: str) -> Path:
     raise ModelError(f"{name} is not installed: its weights come in the {package.replace('_', '-')} package; "
                      f"install it with: {install}")
 _GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$BAYESMANIFOLD_CACHE``, else ``$XDG_CACHE_HOME/bayesmanifold``,
-    else ``~/.cache/bayesmanifold``."""
-    env = os.environ.get("BAYESMANIFOLD_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "bayesmanifold"
 
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
