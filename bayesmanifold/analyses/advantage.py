@@ -36,6 +36,7 @@ from .headstats import (
     f64_rows,
     kernel_choice,
     layer_tiles,
+    n_entries,
     use_kernels,
     zeroer,
 )
@@ -197,7 +198,6 @@ class AdvantageStats:
         mask = entry_mask(b)
         qvb = b.query_valid[:, None, :]
         qv = qvb.to(b.pattern.dtype)
-        dims = (0, 2, 3)
         n_h = len(b.heads)
         rows = RowBuffers(list(kernels.ADVANTAGE_ROWS), b.pattern)
         hist = torch.zeros(n_h, 2 * _N_MAG, dtype=torch.float64)
@@ -218,7 +218,7 @@ class AdvantageStats:
         self.stats.add(
             b.layer,
             b.heads,
-            n_entries=mask.sum(dims).expand(n_h),
+            n_entries=n_entries(b).expand(n_h),
             n_queries=qv.sum().expand(n_h),
             min_adv=rows["min_adv"].amin((0, 2)),
             max_adv=rows["max_adv"].amax((0, 2)),

@@ -11,6 +11,7 @@ once per bundle when several accumulators read it.
 """
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,19 +83,43 @@ def _derived(b: LayerBundle, name: str, make: Callable[[], Any]) -> Any:
     return got[3]
 
 
+_MASK_MEMO: dict[int, dict[tuple[str, tuple[int, ...]], tuple[Tensor, Any]]] = {}
+
+
+def _mask_derived(b: LayerBundle, name: str, make: Callable[[], Any]) -> Any:
+    """What ``make`` derives from a bundle's masks and pattern shape alone, shared by every bundle
+    that holds the same mask tensors: capture hands the layers of one pass the same ``valid`` and
+    ``query_valid`` objects where their masks are equal, so masks, tiles and counts are made once
+    per pass. Entries live as long as the ``valid`` tensor."""
+    key = id(b.valid)
+    memo = _MASK_MEMO.get(key)
+    if memo is None:
+        memo = _MASK_MEMO[key] = {}
+        weakref.finalize(b.valid, _MASK_MEMO.pop, key, None)
+    got = memo.get((name, tuple(b.pattern.shape)))
+    if got is None or got[0] is not b.query_valid:
+        got = memo[(name, tuple(b.pattern.shape))] = (b.query_valid, make())
+    return got[1]
+
+
 def entry_mask(b: LayerBundle) -> Tensor:
     """Bool[batch, 1, query_pos, key_pos]: valid entries of valid query rows."""
-    return _derived(b, "entry_mask", lambda: (b.valid & b.query_valid[:, :, None])[:, None])
+    return _mask_derived(b, "entry_mask", lambda: (b.valid & b.query_valid[:, :, None])[:, None])
+
+
+def n_entries(b: LayerBundle) -> Tensor:
+    """The number of :func:`entry_mask` entries (a 0-d tensor)."""
+    return _mask_derived(b, "n_entries", lambda: entry_mask(b).sum())
 
 
 def layer_tiles(b: LayerBundle) -> list[tuple[slice, slice, slice]]:
-    """:func:`tiles` of a bundle's pattern (made once per bundle)."""
-    return _derived(b, "tiles", lambda: tiles(b.pattern, b.valid))
+    """:func:`tiles` of a bundle's pattern (made once per pass and mask)."""
+    return _mask_derived(b, "tiles", lambda: tiles(b.pattern, b.valid))
 
 
 def zeroer(b: LayerBundle) -> "Zeroer":
-    """The bundle's :class:`Zeroer` (made once per bundle: its per-tile masks are shared)."""
-    return _derived(b, "zeroer", lambda: Zeroer(b, entry_mask(b)))
+    """The bundle's :class:`Zeroer` (made once per pass and mask: its per-tile masks are shared)."""
+    return _mask_derived(b, "zeroer", lambda: Zeroer(b, entry_mask(b)))
 
 
 def tiles(pattern: Tensor, valid: Tensor, budget: int = 1 << 20, q_blocks: int = 8) -> list[tuple[slice, slice, slice]]:

@@ -133,6 +133,7 @@ class Capture:
         self._batch: Batch | None = None
         self._n_grads = 0
         self._model_acts: dict[str, Tensor] = {}
+        self._masks: tuple[Tensor, Tensor] | None = None  # (valid, query_valid) of the pass, shared by layers with equal masks
         # Per layer, the forward sites to store (forward-only: the layer goes out once all have fired,
         # in whatever order the backend fires them).
         layer_sites = {"pattern", "v", "scores"} | (self.sites & set(ATTN_SITES + BLOCK_SITES))
@@ -223,10 +224,15 @@ class Capture:
         group = n_heads // n_kv
         kv_heads = [h // group for h in heads]
         valid = st.valid
-        query_valid = valid.any(dim=-1)
         batch = self._batch
-        if batch is not None and batch.attention_mask is not None:
-            query_valid = query_valid & batch.attention_mask.bool()
+        last = self._masks
+        if last is not None and last[0].shape == valid.shape and torch.equal(last[0], valid):
+            valid, query_valid = last  # the same objects: what measurements derive from masks is shared
+        else:
+            query_valid = valid.any(dim=-1)
+            if batch is not None and batch.attention_mask is not None:
+                query_valid = query_valid & batch.attention_mask.bool()
+            self._masks = (valid, query_valid)
         all_heads = len(heads) == n_heads
         idx = torch.tensor(heads, device=pattern.device)
 
@@ -323,6 +329,7 @@ class Capture:
             forward_kwargs["attention_mask"] = attention_mask
         self._n_grads = 0
         self._model_acts = {}
+        self._masks = None
         self._active = True
         try:
             if self.gradients:
@@ -343,6 +350,7 @@ class Capture:
             self._state.clear()
             self._leaf = None
             self._batch = None
+            self._masks = None
             self._model_acts = {}
 
     def _forward_backward(self, call_inputs: Tensor, inputs: Tensor, objective: Objective, kwargs: dict) -> Tensor:

@@ -67,6 +67,8 @@ def advantage_rows(pattern: Tensor, grad_pattern: Tensor, grad_scores: Tensor, m
     ptrs, ob, oh = _outs(rows, ADVANTAGE_ROWS, tile)
     if hist is not None and (hist.dtype != torch.int64 or not hist.is_contiguous() or hist.shape != (h, 2048)):
         raise ValueError(f"hist must be a contiguous int64 tensor of shape ({h}, 2048)")
+    if b * q * k >= 2**31:
+        raise ValueError(f"a tile of {b * q * k} entries per head is too large for the kernel's counters (< 2^31)")
     load().adv_rows(b, h, q, k, pattern.data_ptr() + off, grad_pattern.data_ptr() + off, grad_scores.data_ptr() + off,
                     pattern.stride(0), pattern.stride(1), pattern.stride(2), m, mb, mq, ptrs, ob, oh,
                     None if hist is None else hist.data_ptr(), torch.get_num_threads())
