@@ -182,7 +182,8 @@ def _decode(data: bytes, f: Path) -> str:
 def _text_files(root: Path) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # hidden directories and Python's bytecode caches are not text of the corpus
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         files += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
     files = [f for f in files if f.is_file()]
     return sorted(files, key=lambda f: f.relative_to(root).as_posix())

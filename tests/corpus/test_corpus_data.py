@@ -33,10 +33,12 @@ def test_text_directory_is_read_in_sorted_order_as_utf8_bytes(tmp_path):
     (d / "b" / "x.txt").write_text("BBBB")
     (d / "a.txt").write_text("AAAA")
     (d / ".hidden").write_text("HHHH")
+    (d / "__pycache__").mkdir()
+    (d / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00")  # bytecode, not UTF-8
     (d / "c.txt").write_text("")  # empty documents add nothing
     s = read_corpus(d, _Access(), seq_len=3)
     assert s.format == "text" and s.tokenization == "utf8-bytes" and s.n_documents == 3
-    assert bytes(s.tokens.tolist()) == b"AAAABBBB"  # a.txt, then b/x.txt; hidden files skipped
+    assert bytes(s.tokens.tolist()) == b"AAAABBBB"  # a.txt, then b/x.txt; hidden files and __pycache__ skipped
     assert s.n_sequences == 2 and s.n_used == 6  # the tail shorter than a window is dropped
     assert s.window(0, 2).tolist() == [list(b"AAA"), list(b"ABB")]
 
