@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import BayesManifoldError
@@ -96,6 +97,17 @@ def _os_message(exc: OSError) -> str:
     return f"{exc.strerror or exc}{':' if where else ''}{where}"
 
 
+def _warning_printer(prog: str):
+    """A ``warnings.showwarning`` that prints one line on stderr: ``prog: warning: message``
+    (Python's default prints the file, line and source line of the library code that warned)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        print(f"{prog}: warning: {text}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -111,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         prog = f"{PROG} {args.command}"
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+            if not debug:
+                warnings.showwarning = _warning_printer(prog)
+            return int(args._run(args) or 0)
     except UsageError as exc:
         if debug:
             raise

@@ -218,3 +218,28 @@ def test_no_bad_invocation_prints_a_traceback(capsys, files, monkeypatch):
             failures.append((argv, code, err[-300:]))
     assert not failures, "\n".join(map(str, failures))
     assert sorted(p.name for p in files["tmp"].iterdir()) == ["adir", "afile.txt", "empty.txt"]  # no work was done
+
+
+def test_library_warnings_print_one_line(capsys, monkeypatch):
+    """A warning from the library is one line on stderr, named by the command (not Python's file,
+    line and source line), and Python's warning printer is restored afterwards."""
+    import argparse
+    import warnings
+
+    def build():
+        p = argparse.ArgumentParser(prog="bayesmanifold")
+        sub = p.add_subparsers(dest="command")
+
+        def run(args):
+            warnings.simplefilter("always")
+            warnings.warn("the PCA is rank-limited:\n  50 samples for 192 features", UserWarning, stacklevel=1)
+            return 0
+
+        sub.add_parser("warns").set_defaults(_run=run)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", build)
+    before = warnings.showwarning
+    assert main(["warns"]) == 0
+    assert capsys.readouterr().err == "bayesmanifold warns: warning: the PCA is rank-limited: 50 samples for 192 features\n"
+    assert warnings.showwarning is before
