@@ -7,7 +7,8 @@ across processes, gives the same result as one pass.
 The tiled reductions the [batch, head, query, key] accumulators share live here too
 (:func:`tiles`, :class:`Zeroer`, :class:`Scratch`, :class:`RowBuffers`): they keep
 temporaries cache-sized and reused, skip the entries a causal mask leaves empty, and are derived
-once per bundle when several accumulators read it.
+once per pass and mask, shared by every accumulator and layer that reads them; the choice between
+the fused C kernels and the PyTorch path (:func:`use_kernels`).
 """
 
 import math

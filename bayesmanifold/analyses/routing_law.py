@@ -82,8 +82,7 @@ def value_updates(b: LayerBundle) -> Tensor:
 def _value_updates(b: LayerBundle) -> Tensor:
     u_h = b.grad_z.transpose(1, 2).contiguous()  # [batch, head, pos, d]
     law_t = u_h.new_zeros(*b.pattern.shape[:2], u_h.shape[3], b.pattern.shape[3])
-    tile_list = layer_tiles(b)
-    for hs, qs, ks in tile_list:
+    for hs, qs, ks in layer_tiles(b):
         law_t[:, hs, :, ks] += torch.matmul(u_h[:, hs, qs].transpose(-1, -2), b.pattern[:, hs, qs, ks])
     return law_t
 
