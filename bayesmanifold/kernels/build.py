@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sysconfig
@@ -50,11 +51,15 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _compiler() -> str | None:
-    names = [os.environ.get("CC", "").split(" ")[0], (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
-    for name in names:
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """The compiler's command line (``$CC`` may carry a launcher or flags, e.g. ``ccache gcc``)."""
+    for cmd in (os.environ.get("CC", ""), sysconfig.get_config_var("CC") or "", "cc", "gcc", "clang"):
+        try:
+            argv = shlex.split(cmd)
+        except ValueError:
+            continue
+        if argv and shutil.which(argv[0]):
+            return [shutil.which(argv[0]), *argv[1:]]
     return None
 
 
@@ -67,21 +72,21 @@ def _cpu_tag() -> str:
     return f"{platform.machine()} {platform.processor()} {flags.strip()}"
 
 
-def _version(cc: str) -> str:
+def _version(cc: list[str]) -> str:
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
         return out.stdout.splitlines()[0] if out.stdout else ""
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def _build(cc: str, flags: list[str], out: Path) -> str:
+def _build(cc: list[str], flags: list[str], out: Path) -> str:
     """Compile into ``out`` (atomically); return '' or the compiler's complaint."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             return next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit status {proc.returncode}")
@@ -110,7 +115,7 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
     if cc is None:
         return None, KernelStatus(False, reason="no C compiler found ($CC, cc, gcc or clang)")
     src = SOURCE.read_bytes()
-    ident = [_version(cc), _cpu_tag(), platform.python_implementation()]
+    ident = [" ".join(cc), _version(cc), _cpu_tag(), platform.python_implementation()]
     complaints = []
     for extra in _VARIANTS:
         flags = [*_BASE_FLAGS, *extra]
@@ -127,7 +132,7 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
             complaints.append(f"{' '.join(extra)}: cannot load {path.name}: {exc}")
             continue
         return lib, KernelStatus(True, str(path), tuple(flags), "-fopenmp" in extra)
-    return None, KernelStatus(False, reason=f"{Path(cc).name} could not build the kernels: " + "; ".join(complaints))
+    return None, KernelStatus(False, reason=f"{Path(cc[0]).name} could not build the kernels: " + "; ".join(complaints))
 
 
 def load() -> ctypes.CDLL | None:

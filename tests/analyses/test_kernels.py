@@ -205,11 +205,19 @@ def test_a_compiler_that_fails_is_reported(monkeypatch, tmp_path):
     fake.write_text("#!/bin/sh\necho 'error: this compiler builds nothing' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(build, "_state", {})
-    monkeypatch.setattr(build, "_compiler", lambda: str(fake))
+    monkeypatch.setattr(build, "_compiler", lambda: [str(fake)])
     monkeypatch.setenv("BAYESMANIFOLD_CACHE", str(tmp_path / "cache"))
     st = kernels.status()
     assert not st.available and "this compiler builds nothing" in st.reason
     assert not list((tmp_path / "cache").rglob("*.so")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@needs_kernels
+def test_cc_with_a_launcher_is_split(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", f"env LC_ALL=C {build.shutil.which('cc') or build.shutil.which('gcc')}")
+    assert build._compiler()[:2] == [build.shutil.which("env"), "LC_ALL=C"]
+    monkeypatch.setenv("CC", "'unbalanced")  # unparseable: the next candidate
+    assert build._compiler() is not None
 
 
 @needs_kernels
