@@ -18,7 +18,6 @@ same pass (``output_scalar``). :func:`collect_features` and :func:`value_manifol
 one-call forms.
 """
 
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Literal
@@ -49,9 +48,6 @@ def _check_kind(kind: str) -> None:
         raise InputError(f"feature kind {kind!r} not known: use 'values', 'values_concat', 'head_outputs' or 'residual'")
 
 
-_ENTROPY_MEMO: dict[str, Any] = {"logits": None, "value": None}
-
-
 def next_token_entropy(out: OutputBundle) -> Tensor:
     """Entropy (nats, float64) of the next-token distribution at the pass's scored positions
     (``out.batch.scored``), as ``[batch, pos]`` with NaN elsewhere; usable as a
@@ -59,16 +55,17 @@ def next_token_entropy(out: OutputBundle) -> Tensor:
 
     Only the scored rows of the logits are normalised (a vocabulary of 49,152 over every position
     of a padded batch is otherwise most of a forward-only pass), and the value is computed once
-    per pass however many accumulators ask for it (remembered through a weak reference to the
-    pass's logits, so nothing outlives the pass)."""
-    memo = _ENTROPY_MEMO
-    if memo["logits"] is not None and memo["logits"]() is out.logits:
-        return memo["value"]
+    per pass however many accumulators ask for it: it is kept on the pass's :class:`OutputBundle`
+    (which capture hands every accumulator), so nothing outlives the pass."""
+    memo = out.__dict__.setdefault("_derived", {})
+    got = memo.get("next_token_entropy")
+    if got is not None and got[0] is out.logits:
+        return got[1]
     mask = out.batch.scored.to(out.logits.device)
     lp = torch.log_softmax(out.logits[mask].double(), -1)
     value = torch.full(mask.shape, float("nan"), dtype=torch.float64)
     value[mask.cpu()] = -(lp.exp() * lp).sum(-1).cpu()
-    memo["logits"], memo["value"] = weakref.ref(out.logits), value
+    memo["next_token_entropy"] = (out.logits, value)
     return value
 
 
