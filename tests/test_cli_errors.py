@@ -135,8 +135,11 @@ def test_subprocess_exit_code_and_stderr(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
 def test_subprocess_interrupt_is_one_line(tmp_path):
+    # the default SIGINT disposition: a suite started in the background (`cmd &`) ignores SIGINT,
+    # the child would inherit that, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "bayesmanifold", "verify", "--seq-len", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 120
     # interrupt once torch is being loaded (inside main(): the command modules import it), or after 1 s
