@@ -219,13 +219,13 @@ def row_entropy(pattern: Float[Tensor, "batch head query_pos key_pos"],
     if use_kernels(kernel_choice(kernel), pattern):  # one fused pass per row (CPU, float32)
         for tile in tile_list:
             kernels.entropy_rows(pattern, tile, rows)
-        return rows.to(torch.float64).neg_()
-    scratch = Scratch(pattern, tile_list, 1)
-    tiny = torch.finfo(pattern.dtype).tiny  # ln of a clamped 0, times 0, adds 0
-    for hs, qs, ks in tile_list:
-        a = pattern[:, hs, qs, ks]
-        t = torch.clamp(a, min=tiny, out=scratch.get(0, a.shape)).log_().mul_(a)
-        torch.sum(t, -1, out=rows[:, hs, qs])
+    else:
+        scratch = Scratch(pattern, tile_list, 1)
+        tiny = torch.finfo(pattern.dtype).tiny  # ln of a clamped 0, times 0, adds 0
+        for hs, qs, ks in tile_list:
+            a = pattern[:, hs, qs, ks]
+            t = torch.clamp(a, min=tiny, out=scratch.get(0, a.shape)).log_().mul_(a)
+            torch.sum(t, -1, out=rows[:, hs, qs])
     return rows.to(torch.float64).neg_()
 
 

@@ -12,7 +12,7 @@ from ..backends.base import ATTN_SITES, BLOCK_SITES, MODEL_SITES
 from ..backends.batch import Batch
 from ..errors import InputError, SelectionError
 
-__all__ = ["LayerBundle", "OutputBundle", "Accumulator", "plan_accumulators"]
+__all__ = ["LayerBundle", "OutputBundle", "Accumulator", "layer_masks", "plan_accumulators"]
 
 
 @dataclass(eq=False)
@@ -116,6 +116,19 @@ class Accumulator(Protocol):
     def finalize(self) -> Any: ...
 
 
+
+
+def layer_masks(valid: Tensor, attention_mask: Tensor | None,
+                last: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """A layer's ``(valid, query_valid)``: the earlier layer's objects (``last``) when its mask is
+    equal, so that what measurements derive from masks (tiles, entry masks, counts) is made once
+    per pass; else ``valid`` with its query rows that attend somewhere and are not padding."""
+    if last is not None and last[0].shape == valid.shape and torch.equal(last[0], valid):
+        return last
+    query_valid = valid.any(dim=-1)
+    if attention_mask is not None:
+        query_valid = query_valid & attention_mask.bool()
+    return valid, query_valid
 
 
 def plan_accumulators(

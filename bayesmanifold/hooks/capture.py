@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..backends import ATTN_SITES, BLOCK_SITES, MODEL_SITES, SITE_ORDER, Batch, model_access
 from ..backends.selection import select_heads
 from ..errors import InputError, ModelError, ObjectiveError, SelectionError
-from .bundle import Accumulator, LayerBundle, OutputBundle, plan_accumulators
+from .bundle import Accumulator, LayerBundle, OutputBundle, layer_masks, plan_accumulators
 from .grad_scope import bind as _bind
 from .grad_scope import weights_frozen as _weights_frozen
 from .model_state import check_materialised
@@ -133,7 +133,7 @@ class Capture:
         self._batch: Batch | None = None
         self._n_grads = 0
         self._model_acts: dict[str, Tensor] = {}
-        self._masks: tuple[Tensor, Tensor] | None = None  # (valid, query_valid) of the pass, shared by layers with equal masks
+        self._masks: tuple[Tensor, Tensor] | None = None  # this pass's (valid, query_valid): see layer_masks
         # Per layer, the forward sites to store (forward-only: the layer goes out once all have fired,
         # in whatever order the backend fires them).
         layer_sites = {"pattern", "v", "scores"} | (self.sites & set(ATTN_SITES + BLOCK_SITES))
@@ -223,16 +223,8 @@ class Capture:
         heads = self._heads_for(layer, n_heads)
         group = n_heads // n_kv
         kv_heads = [h // group for h in heads]
-        valid = st.valid
         batch = self._batch
-        last = self._masks
-        if last is not None and last[0].shape == valid.shape and torch.equal(last[0], valid):
-            valid, query_valid = last  # the same objects: what measurements derive from masks is shared
-        else:
-            query_valid = valid.any(dim=-1)
-            if batch is not None and batch.attention_mask is not None:
-                query_valid = query_valid & batch.attention_mask.bool()
-            self._masks = (valid, query_valid)
+        valid, query_valid = self._masks = layer_masks(st.valid, None if batch is None else batch.attention_mask, self._masks)
         all_heads = len(heads) == n_heads
         idx = torch.tensor(heads, device=pattern.device)
 
@@ -329,7 +321,6 @@ class Capture:
             forward_kwargs["attention_mask"] = attention_mask
         self._n_grads = 0
         self._model_acts = {}
-        self._masks = None
         self._active = True
         try:
             if self.gradients:
